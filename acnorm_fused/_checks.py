@@ -1,0 +1,117 @@
+"""Input validation shared by the functional op and the modules.
+
+Every message starts with the name of the caller (a module's class name or
+``ac_norm``) so that a failure deep in a network says which layer failed.
+Nothing here reads tensor values except :func:`check_finite_parameters`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+ACTIVATIONS = ("relu", "leaky_relu")
+INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_hyperparameters(
+    name: str,
+    *,
+    eps: float,
+    momentum: float | None,
+    temperature: float,
+    activation: str | None,
+    negative_slope: float,
+) -> None:
+    """Reject hyper-parameters that would make the op meaningless."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise ValueError(f"{name}: eps must be a positive finite number, got {eps!r}")
+    if momentum is not None and not (
+        isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+    ):
+        raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{name}: temperature must be a positive finite number, got {temperature!r}")
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(
+            f"{name}: activation must be None, 'relu' or 'leaky_relu', got {activation!r}"
+        )
+    if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
+        raise ValueError(f"{name}: negative_slope must be a finite number, got {negative_slope!r}")
+
+
+def check_input(
+    name: str,
+    x: Tensor,
+    *,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+) -> None:
+    """Check ranks, shapes, dtypes and devices of the input and the parameters."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(
+            f"{name}: expected an input of 2 to 5 dimensions (N, C, *spatial), got {x.dim()}D "
+            f"with shape {tuple(x.shape)}"
+        )
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(
+            f"{name}: input dtype must be float32, float16, bfloat16 or float64, got {x.dtype}"
+        )
+    channels = weight.shape[0] if weight.dim() == 1 else -1
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{name}: expected input with {channels} channels (dim 1), got shape {tuple(x.shape)}"
+        )
+    affine = {"weight": weight, "bias": bias, "weight_target": weight_target, "bias_target": bias_target}
+    stats = {"running_mean": running_mean, "running_var": running_var}
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{name}: running_mean and running_var must be given together")
+    for pname, tensor in {**affine, **stats}.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != (channels,):
+            raise ValueError(
+                f"{name}: {pname} must have shape ({channels},), got {tuple(tensor.shape)}"
+            )
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name}: {pname} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != x.device:
+            raise RuntimeError(
+                f"{name}: {pname} is on {tensor.device} but the input is on {x.device}"
+            )
+    dtypes = {t.dtype for t in affine.values()}
+    if len(dtypes) > 1:
+        raise TypeError(
+            f"{name}: weight, bias, weight_target and bias_target must share one dtype, got "
+            + ", ".join(f"{k}={v.dtype}" for k, v in affine.items())
+        )
+    if (x.dtype == torch.float64) != (weight.dtype == torch.float64):
+        raise TypeError(
+            f"{name}: float64 inputs and float64 parameters go together (input {x.dtype}, "
+            f"parameters {weight.dtype}); convert the module with .double() or .float()"
+        )
+    if not training and running_mean is None:
+        raise ValueError(f"{name}: running_mean and running_var are required when training=False")
+    if training:
+        values_per_channel = x.numel() // max(x.shape[1], 1)
+        if values_per_channel <= 1:
+            raise ValueError(
+                f"{name}: expected more than 1 value per channel when training, got input of "
+                f"shape {tuple(x.shape)}"
+            )
+
+
+def check_finite_parameters(name: str, **tensors: Tensor) -> None:
+    """Raise if any of ``tensors`` holds NaN or infinity (reads their values)."""
+    for pname, tensor in tensors.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name}: {pname} contains NaN or infinite values")

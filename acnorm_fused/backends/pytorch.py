@@ -1,0 +1,108 @@
+"""The ``torch`` backend: AC-Norm as one BatchNorm with the effective affine.
+
+Because both BatchNorms of the authors' formulation normalise with the same
+statistics, their sum is one BatchNorm with ``W = (I + S) gamma_t`` and
+``B = (I + S) beta_t``. This backend runs exactly that through ATen's own
+BatchNorm kernels, so it costs one BatchNorm plus a C x C step. It is the
+default on CPUs and the model the fused GPU backends follow.
+
+Both functions are the implementations behind the custom ops in
+:mod:`acnorm_fused.ops`; they never run under autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..correlation import compute_dtype, correlation, recalibrate, recalibrate_grad
+from .activation import activation_grad, apply_activation
+
+
+def _channel_view(t: Tensor, ndim: int) -> Tensor:
+    return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature):
+    s = correlation(weight, bias, weight_target, bias_target, eps, temperature)
+    w, b = recalibrate(s, weight_target, bias_target)
+    bn_dtype = compute_dtype(x.dtype)
+    return s, w.to(bn_dtype), b.to(bn_dtype)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    use_batch_stats: bool,
+    momentum: float,
+    eps: float,
+    temperature: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, mean, invstd, new_running_mean, new_running_var)``.
+
+    ``momentum`` is the effective factor of one running-statistics update. The
+    running statistics are never modified: their updated values are returned
+    (empty tensors when there are none or when ``use_batch_stats`` is false).
+    """
+    _, w, b = _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature)
+    bn_dtype = w.dtype
+    if use_batch_stats:
+        new_mean = new_var = None
+        if running_mean is not None:
+            new_mean = running_mean.to(bn_dtype, copy=True)
+            new_var = running_var.to(bn_dtype, copy=True)
+        out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
+    else:
+        mean = running_mean.to(bn_dtype, copy=True)
+        var = running_var.to(bn_dtype)
+        out, _, _ = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)
+        invstd = torch.rsqrt(var + eps)
+        new_mean = new_var = None
+    if new_mean is None:
+        new_mean = x.new_empty((0,), dtype=bn_dtype)
+        new_var = x.new_empty((0,), dtype=bn_dtype)
+    out = apply_activation(out, activation, negative_slope, inplace=True)
+    return out, mean, invstd, new_mean, new_var
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    use_batch_stats: bool,
+    eps: float,
+    temperature: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(grad_x, grad_weight_target, grad_bias_target)``."""
+    s, w, b = _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature)
+    if activation:
+        scale = w * invstd
+        shift = b - mean * scale
+        pre = x * _channel_view(scale, x.dim()) + _channel_view(shift, x.dim())
+        grad_out = activation_grad(grad_out, pre, activation, negative_slope)
+    if use_batch_stats:
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, w, None, None, mean, invstd, True, eps, [True, True, True]
+        )
+    else:
+        reduce_dims = [0] + list(range(2, x.dim()))
+        x_hat = (x - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
+        grad_w = (grad_out * x_hat).sum(reduce_dims, dtype=w.dtype)
+        grad_b = grad_out.sum(reduce_dims, dtype=w.dtype)
+        grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
+    grad_gamma, grad_beta = recalibrate_grad(s, grad_w, grad_b)
+    return grad_x, grad_gamma.to(weight_target.dtype), grad_beta.to(bias_target.dtype)

@@ -1,0 +1,111 @@
+"""``ac_norm``: input checks, backend dispatch and the running statistics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers torch.ops.acnorm_fused)
+from ._checks import check_finite_parameters, check_hyperparameters, check_input
+from .backends import resolve_backend
+from .backends.reference import ac_norm_reference
+
+__all__ = ["ac_norm", "effective_momentum"]
+
+
+def effective_momentum(momentum: float, double_update: bool = True) -> float:
+    """Factor of the one running-statistics update equal to AC-Norm's per-step update.
+
+    The authors' code moves the running statistics twice per training step
+    with the same batch statistics, which is one update with
+    ``1 - (1 - momentum) ** 2``; ``double_update=False`` gives BatchNorm's
+    single update.
+    """
+    return 1.0 - (1.0 - momentum) ** 2 if double_update else momentum
+
+
+def _dense_layout(x: Tensor) -> Tensor:
+    """``x`` itself when contiguous or channels-last; a contiguous copy otherwise."""
+    if x.is_contiguous():
+        return x
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return x
+    return x.contiguous()
+
+
+def ac_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    temperature: float = 1.0,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+    *,
+    double_update: bool = True,
+    caller: str = "ac_norm",
+) -> Tensor:
+    """Affine Collaborative Normalization of ``x`` of shape ``(N, C, *spatial)``.
+
+    Normalises ``x`` per channel with its batch statistics (``training=True``)
+    or the running statistics, and applies the effective affine
+    ``W = (I + S) weight_target``, ``B = (I + S) bias_target`` where ``S`` is
+    the sparse correlation between the target and the frozen source affine
+    (``weight``, ``bias``); see :func:`acnorm_fused.correlation`. An optional
+    ``activation`` (``"relu"`` or ``"leaky_relu"`` with ``negative_slope``) is
+    fused into the output.
+
+    In training, ``running_mean`` and ``running_var`` (when given) are updated
+    in place as the authors' code does: twice per call with ``momentum``,
+    i.e. once with :func:`effective_momentum`; ``double_update=False`` gives
+    BatchNorm's single update. Gradients flow to ``x``, ``weight_target`` and
+    ``bias_target`` only.
+
+    ``backend`` is ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` or
+    ``"cuda"``; the ``ACNORM_BACKEND`` environment variable overrides
+    ``"auto"``. ``caller`` names the module in error messages.
+    """
+    if momentum is None:
+        raise ValueError(
+            f"{caller}: momentum must be a number; the cumulative average of momentum=None "
+            "is a module option (ACNorm*d(momentum=None))"
+        )
+    check_hyperparameters(
+        caller, eps=eps, momentum=momentum, temperature=temperature,
+        activation=activation, negative_slope=negative_slope,
+    )
+    check_input(
+        caller, x, weight=weight, bias=bias, weight_target=weight_target,
+        bias_target=bias_target, running_mean=running_mean, running_var=running_var,
+        training=training,
+    )
+    backend = resolve_backend(backend, x, caller)
+
+    if backend == "reference":
+        check_finite_parameters(
+            caller, weight=weight, bias=bias, weight_target=weight_target, bias_target=bias_target
+        )
+        return ac_norm_reference(
+            x, running_mean, running_var, weight, bias, weight_target, bias_target,
+            training, momentum, eps, temperature, activation, negative_slope, double_update,
+        )
+
+    out, _mean, _invstd, new_mean, new_var = torch.ops.acnorm_fused.ac_norm_fwd(
+        _dense_layout(x), weight, bias, weight_target, bias_target, running_mean, running_var,
+        training, effective_momentum(momentum, double_update), eps, temperature,
+        activation or "", negative_slope, backend, caller,
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
+    return out
