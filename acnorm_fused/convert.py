@@ -1,0 +1,170 @@
+"""Model conversion: BatchNorm -> AC-Norm for finetuning, AC-Norm -> BatchNorm to deploy."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .correlation import effective_affine
+from .functional import effective_momentum
+from .modules import ACNorm, ACNorm1d, ACNorm2d, ACNorm3d
+
+__all__ = ["convert_model", "fold_to_batchnorm"]
+
+# Most specific first: SyncBatchNorm accepts any rank, as ACNorm does.
+_TO_ACNORM: tuple[tuple[type[nn.Module], type[ACNorm]], ...] = (
+    (nn.SyncBatchNorm, ACNorm),
+    (nn.BatchNorm3d, ACNorm3d),
+    (nn.BatchNorm2d, ACNorm2d),
+    (nn.BatchNorm1d, ACNorm1d),
+)
+_TO_BATCHNORM: tuple[tuple[type[ACNorm], type[nn.Module]], ...] = (
+    (ACNorm3d, nn.BatchNorm3d),
+    (ACNorm2d, nn.BatchNorm2d),
+    (ACNorm1d, nn.BatchNorm1d),
+    (ACNorm, nn.SyncBatchNorm),
+)
+
+
+def _lookup(table, module):
+    for source_type, target_type in table:
+        if isinstance(module, source_type):
+            return target_type
+    return None
+
+
+def _replace_modules(
+    module: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], prefix: str = ""
+) -> nn.Module:
+    """Replace ``module`` and its descendants, top-down, by ``replace(name, m)`` when not None."""
+    replacement = replace(prefix, module)
+    if replacement is not None:
+        return replacement
+    for child_name, child in list(module.named_children()):
+        name = f"{prefix}.{child_name}" if prefix else child_name
+        new_child = _replace_modules(child, replace, name)
+        if new_child is not child:
+            setattr(module, child_name, new_child)
+    return module
+
+
+def _excluded(name: str, exclude: Iterable[str]) -> bool:
+    return any(name == entry or name.startswith(entry + ".") for entry in exclude)
+
+
+def convert_model(
+    module: nn.Module,
+    sync: bool = False,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    exclude: Iterable[str] = (),
+    *,
+    double_update: bool = True,
+) -> nn.Module:
+    """Replace every ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` by AC-Norm.
+
+    Each new layer gets the BatchNorm's affine as both its frozen source
+    affine and its trainable target affine, the BatchNorm's running
+    statistics, ``eps``, ``momentum``, device, dtype, training flag and
+    ``requires_grad``. Layers named in ``exclude`` (as in
+    ``module.named_modules()``; a name excludes its whole subtree) stay as
+    they are. The module is changed in place and returned (the returned
+    object is new when ``module`` itself is a BatchNorm).
+    """
+    if sync:
+        raise NotImplementedError(
+            "convert_model: sync=True needs SyncACNorm, which this version of acnorm_fused "
+            "does not provide yet; convert with sync=False"
+        )
+    exclude = tuple([exclude] if isinstance(exclude, str) else exclude)
+    names = {name for name, _ in module.named_modules()}
+    unknown = [entry for entry in exclude if entry not in names]
+    if unknown:
+        raise ValueError(f"convert_model: exclude names no module of the model: {unknown}")
+
+    def to_acnorm(name: str, layer: nn.Module) -> nn.Module | None:
+        acnorm_type = _lookup(_TO_ACNORM, layer)
+        if acnorm_type is None or _excluded(name, exclude):
+            return None
+        where = name or "the model itself"
+        if not layer.affine:
+            raise ValueError(
+                f"convert_model: {where} ({layer}) has affine=False; AC-Norm needs a pretrained "
+                f"affine to start from (leave it as BatchNorm with exclude=[{name!r}])"
+            )
+        new = acnorm_type(
+            layer.num_features,
+            eps=layer.eps,
+            momentum=layer.momentum,
+            temperature=temperature,
+            track_running_stats=layer.track_running_stats and layer.running_mean is not None,
+            backend=backend,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+            double_update=double_update,
+        )
+        with torch.no_grad():
+            for source, target in (("weight", "weight"), ("bias", "bias"),
+                                   ("weight", "weight_target"), ("bias", "bias_target")):
+                getattr(new, target).copy_(getattr(layer, source))
+            if new.track_running_stats:
+                new.running_mean.copy_(layer.running_mean)
+                new.running_var.copy_(layer.running_var)
+                new.num_batches_tracked.copy_(layer.num_batches_tracked)
+        new.weight_target.requires_grad_(layer.weight.requires_grad)
+        new.bias_target.requires_grad_(layer.bias.requires_grad)
+        new.train(layer.training)
+        return new
+
+    return _replace_modules(module, to_acnorm)
+
+
+def fold_to_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every AC-Norm layer by a plain BatchNorm with the same eval output.
+
+    The BatchNorm gets the effective affine ``(I + S) gamma_t``,
+    ``(I + S) beta_t`` and the running statistics, so the finetuned model runs
+    and exports (TorchScript, ONNX, ``torch.export``) without any custom op.
+    ``ACNorm1d/2d/3d`` become ``BatchNorm1d/2d/3d``; the any-rank ``ACNorm``
+    becomes ``SyncBatchNorm`` (which is a plain BatchNorm outside
+    distributed training). A fused activation becomes ``nn.Sequential(bn,
+    activation)``. The momentum becomes the one-update equivalent of the
+    layer's update rule. The module is changed in place and returned.
+    """
+
+    def to_batchnorm(_name: str, layer: nn.Module) -> nn.Module | None:
+        bn_type = _lookup(_TO_BATCHNORM, layer)
+        if bn_type is None:
+            return None
+        momentum = layer.momentum
+        if momentum is not None:
+            momentum = effective_momentum(momentum, layer.double_update)
+        bn = bn_type(
+            layer.num_features,
+            eps=layer.eps,
+            momentum=momentum,
+            affine=True,
+            track_running_stats=layer.track_running_stats,
+            device=layer.weight.device,
+            dtype=layer.weight.dtype,
+        )
+        with torch.no_grad():
+            w, b = effective_affine(
+                layer.weight, layer.bias, layer.weight_target, layer.bias_target,
+                layer.eps, layer.temperature,
+            )
+            bn.weight.copy_(w)
+            bn.bias.copy_(b)
+            if layer.track_running_stats:
+                bn.running_mean.copy_(layer.running_mean)
+                bn.running_var.copy_(layer.running_var)
+                bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+        bn.train(layer.training)
+        if layer.activation is None:
+            return bn
+        act = nn.ReLU() if layer.activation == "relu" else nn.LeakyReLU(layer.negative_slope)
+        return nn.Sequential(bn, act).train(layer.training)
+
+    return _replace_modules(module, to_batchnorm)
