@@ -5,17 +5,27 @@ Every backend and the AC-Corr score use these functions, so the method's
 definition lives here only. All of it runs in float32, or float64 when the
 parameters are float64, whatever the parameter dtype, and with autocast off:
 the matrix is tiny and its rounding decides which entries of S survive.
+
+The four affine vectors travel stacked as rows of one ``(4, C)`` tensor
+(source weight, source bias, target weight, target bias): on a CPU each
+PyTorch call on these tiny tensors costs as much as the arithmetic of a whole
+BatchNorm channel, so the fewer calls, the closer AC-Norm gets to BatchNorm.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "compute_dtype",
+    "as_dtype",
+    "stack_affines",
     "signatures",
     "correlation",
+    "correlation_from_stack",
     "recalibrate",
     "recalibrate_grad",
     "effective_affine",
@@ -27,12 +37,40 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; ``t`` itself when it already is (``Tensor.to`` costs
+    microseconds even then, and this runs several times per layer and step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _full_precision(device: torch.device):
+    """Autocast off for the block, when it is on (entering it costs time otherwise)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def stack_affines(weight: Tensor, bias: Tensor, weight_target: Tensor, bias_target: Tensor) -> Tensor:
+    """The rows ``[gamma_s, beta_s, gamma_t, beta_t]`` as one detached ``(4, C)`` tensor
+    in the compute dtype."""
+    stacked = torch.stack((weight.detach(), bias.detach(), weight_target.detach(), bias_target.detach()))
+    return as_dtype(stacked, compute_dtype(stacked.dtype))
+
+
 def signatures(weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-channel signature ``beta / (|gamma| + eps)`` of an affine, detached."""
+    """Per-channel signature ``beta / (|gamma| + eps)`` of an affine (rows work too), detached."""
     dtype = compute_dtype(weight.dtype)
-    weight = weight.detach().to(dtype)
-    bias = bias.detach().to(dtype)
-    return bias / (weight.abs() + eps)
+    return as_dtype(bias.detach(), dtype) / (as_dtype(weight.detach(), dtype).abs() + eps)
+
+
+def correlation_from_stack(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
+    """:func:`correlation` of the ``(4, C)`` rows made by :func:`stack_affines`."""
+    with _full_precision(affines.device):
+        y = signatures(affines[0::2], affines[1::2], eps)  # rows: source, target
+        # |d| / (-T) is exactly -(|d| / T): the reference's rounding, so its ties.
+        affinity = torch.softmax((y[1, :, None] - y[0]).abs_().div_(-temperature), dim=1)
+        # Keep A[i, j] >= A[i, i]: zero the entries strictly below the diagonal one.
+        return affinity.masked_fill_(affinity < affinity.diagonal()[:, None], 0.0)
 
 
 def correlation(
@@ -51,31 +89,27 @@ def correlation(
     entry (ties kept, so the diagonal always is) and zeroes the rest. ``S`` is
     detached: no gradient flows through it.
     """
-    with torch.autocast(weight.device.type, enabled=False):
-        y_s = signatures(weight, bias, eps)
-        y_t = signatures(weight_target, bias_target, eps)
-        affinity = torch.softmax(-(y_t[:, None] - y_s[None, :]).abs() / temperature, dim=1)
-        diagonal = affinity.diagonal()[:, None]
-        return torch.where(affinity >= diagonal, affinity, torch.zeros_like(affinity))
+    affines = stack_affines(weight, bias, weight_target, bias_target)
+    return correlation_from_stack(affines, eps, temperature)
 
 
-def recalibrate(s: Tensor, weight_target: Tensor, bias_target: Tensor) -> tuple[Tensor, Tensor]:
-    """Effective affine ``W = (I + S) gamma_t``, ``B = (I + S) beta_t`` in ``s.dtype``.
+def recalibrate(s: Tensor, affine_rows: Tensor) -> Tensor:
+    """``(I + S) v`` for each row ``v`` of ``affine_rows`` (shape ``(k, C)``), in ``s.dtype``.
 
-    Differentiable with respect to the target affine (``S`` is constant).
+    With rows ``[gamma_t, beta_t]`` this gives the effective affine ``[W, B]``.
+    Differentiable with respect to ``affine_rows`` (``S`` is constant).
     """
-    with torch.autocast(s.device.type, enabled=False):
-        gamma = weight_target.to(s.dtype)
-        beta = bias_target.to(s.dtype)
-        return gamma + s @ gamma, beta + s @ beta
+    with _full_precision(s.device):
+        rows = as_dtype(affine_rows, s.dtype)
+        return torch.addmm(rows, rows, s.t())
 
 
-def recalibrate_grad(s: Tensor, grad_weight: Tensor, grad_bias: Tensor) -> tuple[Tensor, Tensor]:
-    """Gradients of the target affine from those of ``W`` and ``B``: ``(I + S)^T``."""
-    with torch.autocast(s.device.type, enabled=False):
-        grad_weight = grad_weight.to(s.dtype)
-        grad_bias = grad_bias.to(s.dtype)
-        return grad_weight + s.t() @ grad_weight, grad_bias + s.t() @ grad_bias
+def recalibrate_grad(s: Tensor, grad_rows: Tensor) -> Tensor:
+    """``(I + S)^T g`` for each row ``g`` of ``grad_rows``: target-affine gradients
+    from the gradients of the effective affine."""
+    with _full_precision(s.device):
+        rows = as_dtype(grad_rows, s.dtype)
+        return torch.addmm(rows, rows, s)
 
 
 def effective_affine(
@@ -93,4 +127,5 @@ def effective_affine(
     ``bias_target`` only.
     """
     s = correlation(weight, bias, weight_target, bias_target, eps, temperature)
-    return recalibrate(s, weight_target, bias_target)
+    w, b = recalibrate(s, torch.stack((weight_target, bias_target)))
+    return w, b

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import ops as _ops  # noqa: F401  (registers torch.ops.acnorm_fused)
-from ._checks import check_finite_parameters, check_hyperparameters, check_input
+from ._checks import check_finite_affines, check_hyperparameters, check_input
 from .backends import resolve_backend
 from .backends.reference import ac_norm_reference
+from .correlation import stack_affines
+from .ops import ac_norm_forward
 
 __all__ = ["ac_norm", "effective_momentum"]
 
@@ -91,15 +92,13 @@ def ac_norm(
     backend = resolve_backend(backend, x, caller)
 
     if backend == "reference":
-        check_finite_parameters(
-            caller, weight=weight, bias=bias, weight_target=weight_target, bias_target=bias_target
-        )
+        check_finite_affines(caller, stack_affines(weight, bias, weight_target, bias_target))
         return ac_norm_reference(
             x, running_mean, running_var, weight, bias, weight_target, bias_target,
             training, momentum, eps, temperature, activation, negative_slope, double_update,
         )
 
-    out, _mean, _invstd, new_mean, new_var = torch.ops.acnorm_fused.ac_norm_fwd(
+    out, _mean, _invstd, new_mean, new_var, _aux = ac_norm_forward(
         _dense_layout(x), weight, bias, weight_target, bias_target, running_mean, running_var,
         training, effective_momentum(momentum, double_update), eps, temperature,
         activation or "", negative_slope, backend, caller,

@@ -7,7 +7,8 @@ BatchNorm kernels, so it costs one BatchNorm plus a C x C step. It is the
 default on CPUs and the model the fused GPU backends follow.
 
 Both functions are the implementations behind the custom ops in
-:mod:`acnorm_fused.ops`; they never run under autograd.
+:mod:`acnorm_fused.ops`; they never run under autograd. ``affines`` are the
+``(4, C)`` rows of :func:`acnorm_fused.correlation.stack_affines`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..correlation import compute_dtype, correlation, recalibrate, recalibrate_grad
+from ..correlation import as_dtype, compute_dtype, correlation_from_stack, recalibrate, recalibrate_grad
 from .activation import activation_grad, apply_activation
 
 
@@ -23,19 +24,22 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature):
-    s = correlation(weight, bias, weight_target, bias_target, eps, temperature)
-    w, b = recalibrate(s, weight_target, bias_target)
-    bn_dtype = compute_dtype(x.dtype)
-    return s, w.to(bn_dtype), b.to(bn_dtype)
+def _bn_affine(x: Tensor, s: Tensor, affines: Tensor) -> tuple[Tensor, Tensor]:
+    """The effective affine ``(W, B)`` in the dtype ATen's BatchNorm wants beside ``x``."""
+    effective = as_dtype(recalibrate(s, affines[2:]), compute_dtype(x.dtype))
+    return effective[0], effective[1]
+
+
+def aux_like(weight: Tensor) -> Tensor:
+    """An empty tensor shaped like the ``aux`` this backend saves for the backward (``S``),
+    for parameters like ``weight``."""
+    channels = weight.shape[0]
+    return weight.new_empty((channels, channels), dtype=compute_dtype(weight.dtype))
 
 
 def forward(
     x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    weight_target: Tensor,
-    bias_target: Tensor,
+    affines: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     use_batch_stats: bool,
@@ -44,14 +48,17 @@ def forward(
     temperature: float,
     activation: str,
     negative_slope: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns ``(out, mean, invstd, new_running_mean, new_running_var)``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``(out, mean, invstd, new_running_mean, new_running_var, aux)``.
 
     ``momentum`` is the effective factor of one running-statistics update. The
     running statistics are never modified: their updated values are returned
     (empty tensors when there are none or when ``use_batch_stats`` is false).
+    ``aux`` is ``S``, kept for the backward: recomputing it costs more than
+    the rest of the C x C work on a CPU, and it is only C x C.
     """
-    _, w, b = _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature)
+    s = correlation_from_stack(affines, eps, temperature)
+    w, b = _bn_affine(x, s, affines)
     bn_dtype = w.dtype
     if use_batch_stats:
         new_mean = new_var = None
@@ -61,7 +68,7 @@ def forward(
         out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
     else:
         mean = running_mean.to(bn_dtype, copy=True)
-        var = running_var.to(bn_dtype)
+        var = as_dtype(running_var, bn_dtype)
         out, _, _ = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)
         invstd = torch.rsqrt(var + eps)
         new_mean = new_var = None
@@ -69,26 +76,26 @@ def forward(
         new_mean = x.new_empty((0,), dtype=bn_dtype)
         new_var = x.new_empty((0,), dtype=bn_dtype)
     out = apply_activation(out, activation, negative_slope, inplace=True)
-    return out, mean, invstd, new_mean, new_var
+    return out, mean, invstd, new_mean, new_var, s
 
 
 def backward(
     grad_out: Tensor,
     x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    weight_target: Tensor,
-    bias_target: Tensor,
+    affines: Tensor,
     mean: Tensor,
     invstd: Tensor,
+    aux: Tensor,
     use_batch_stats: bool,
     eps: float,
     temperature: float,
     activation: str,
     negative_slope: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns ``(grad_x, grad_weight_target, grad_bias_target)``."""
-    s, w, b = _effective_affine(x, weight, bias, weight_target, bias_target, eps, temperature)
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of the
+    gradients of ``weight_target`` and ``bias_target``; ``aux`` is ``S``."""
+    s = aux
+    w, b = _bn_affine(x, s, affines)
     if activation:
         scale = w * invstd
         shift = b - mean * scale
@@ -104,5 +111,4 @@ def backward(
         grad_w = (grad_out * x_hat).sum(reduce_dims, dtype=w.dtype)
         grad_b = grad_out.sum(reduce_dims, dtype=w.dtype)
         grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
-    grad_gamma, grad_beta = recalibrate_grad(s, grad_w, grad_b)
-    return grad_x, grad_gamma.to(weight_target.dtype), grad_beta.to(bias_target.dtype)
+    return grad_x, recalibrate_grad(s, torch.stack((grad_w, grad_b)))

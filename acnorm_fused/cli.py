@@ -1,0 +1,127 @@
+"""The ``acnorm`` command: ``acnorm info`` and ``acnorm bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__, benchmark
+from .backends import available_backends, resolve_backend
+
+
+def _module_version(name: str) -> str:
+    try:
+        return getattr(importlib.import_module(name), "__version__", "installed")
+    except ImportError:
+        return "not installed"
+
+
+def cmd_info(_args: argparse.Namespace) -> int:
+    """Print versions, backends and devices."""
+    cuda = torch.cuda.is_available()
+    print(f"acnorm_fused {__version__}")
+    print(f"python       {platform.python_version()} ({platform.platform()})")
+    print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
+    print(f"triton       {_module_version('triton')}")
+    print(f"numpy        {_module_version('numpy')}")
+    print(f"backends     {', '.join(available_backends())}")
+    if cuda:
+        for index in range(torch.cuda.device_count()):
+            print(f"device       cuda:{index} {torch.cuda.get_device_name(index)}")
+        probe = torch.empty(0, device="cuda")
+    else:
+        print(f"device       cpu ({torch.get_num_threads()} threads), no CUDA device")
+        probe = torch.empty(0)
+    print(f"auto picks   {resolve_backend('auto', probe, 'acnorm info')}")
+    return 0
+
+
+def _parse_shape(text: str) -> benchmark.Shape:
+    parts = [int(p) for p in text.lower().split("x")]
+    if len(parts) != 5 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is NxCxDxHxW with positive sizes, got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark table and optionally write it as Markdown and JSON."""
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("acnorm bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
+            return 2
+    if args.shapes:
+        cases = [
+            benchmark.Case(shape, dtype, layout)
+            for shape in args.shapes
+            for dtype in args.dtypes
+            for layout in args.layouts
+        ]
+    else:
+        cases = [
+            c for c in benchmark.default_cases(device)
+            if c.dtype in args.dtypes and c.layout in args.layouts
+        ]
+    machine = benchmark.machine_description(device)
+    print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
+    results = benchmark.run(
+        cases, device, repeats=args.repeats, warmup=args.warmup,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    table = benchmark.to_markdown(results, machine)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.md").write_text(table)
+        (args.out / "bench.json").write_text(benchmark.to_json(results, machine))
+        print(f"acnorm bench: wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acnorm", description="Fused AC-Norm for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"acnorm_fused {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="versions, available backends and devices")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser(
+        "bench", help="time forward+backward of the reference, acnorm and nn.BatchNorm3d"
+    )
+    bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    bench.add_argument(
+        "--shapes", nargs="+", type=_parse_shape, metavar="NxCxDxHxW",
+        help="shapes to run (default: the standard set for the device)",
+    )
+    bench.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
+    )
+    bench.add_argument(
+        "--layouts", nargs="+", default=["contiguous", "channels_last"],
+        choices=["contiguous", "channels_last"],
+    )
+    bench.add_argument("--repeats", type=int, default=20, help="timed steps per layer (median)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per layer first")
+    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``acnorm`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
