@@ -1,0 +1,34 @@
+"""pytest-benchmark suite: one training step (forward + backward) per layer.
+
+Run with ``pytest benchmarks/``. Each case times the authors' formulation
+(``reference``), acnorm_fused with ``backend="auto"`` and ``nn.BatchNorm3d``
+on the same input and is its own group, so pytest-benchmark's table shows the
+three side by side with their ratios. ``acnorm bench`` prints the same
+comparison interleaved, with peak memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from acnorm_fused import benchmark as bench
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = bench.default_cases(DEVICE)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.label().replace(" ", "-") for c in CASES])
+@pytest.mark.parametrize("layer_name", bench.IMPLEMENTATIONS)
+def test_training_step(benchmark, case, layer_name):
+    x, grad = bench.make_input(case, DEVICE)
+    layer = bench.make_layers(case.shape[1], DEVICE)[layer_name]
+    benchmark.group = case.label()
+    if DEVICE.type == "cuda":
+        def step():
+            bench.training_step(layer, x, grad)
+            torch.cuda.synchronize(DEVICE)
+    else:
+        def step():
+            bench.training_step(layer, x, grad)
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3)
