@@ -10,6 +10,8 @@ This module backs ``acnorm bench`` and the pytest-benchmark suite.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import platform
 import statistics
@@ -102,6 +104,28 @@ def default_cases(device: torch.device) -> list[Case]:
         cases += [Case(shape, dtype) for shape in shapes]
         cases += [Case(shape, dtype, "channels_last") for shape in cl_shapes]
     return cases
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc keep freed blocks up to 32 MiB for reuse instead of unmapping them.
+
+    With the default settings every step of a CPU benchmark maps its large
+    tensors afresh and pays a page fault per 4 KiB page, which on a virtual
+    machine costs about as much as the BatchNorm itself and varies run to
+    run. A caching allocator (PyTorch's on GPUs, jemalloc or tcmalloc on CPUs)
+    avoids that; this does the same for all three layers alike. Returns
+    whether the setting took effect (glibc only).
+    """
+    name = ctypes.util.find_library("c")
+    if platform.system() != "Linux" or name is None:
+        return False
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    largest_cached = 32 * 1024 * 1024  # glibc's upper bound for the mmap threshold
+    ok = libc.mallopt(m_mmap_threshold, largest_cached) == 1
+    return ok and libc.mallopt(m_trim_threshold, 4 * largest_cached) == 1
 
 
 def make_layers(channels: int, device: torch.device, seed: int = 0) -> dict[str, nn.Module]:

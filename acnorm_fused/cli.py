@@ -71,6 +71,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             if c.dtype in args.dtypes and c.layout in args.layouts
         ]
     machine = benchmark.machine_description(device)
+    if device.type == "cpu" and not args.system_malloc and benchmark.reuse_freed_memory():
+        machine += ", freed memory reused (glibc mallopt)"
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
     results = benchmark.run(
         cases, device, repeats=args.repeats, warmup=args.warmup,
@@ -113,6 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=20, help="timed steps per layer (median)")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps per layer first")
     bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
+    bench.add_argument(
+        "--system-malloc", action="store_true",
+        help="on CPU, keep glibc's default of unmapping large freed blocks (noisier timings)",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 

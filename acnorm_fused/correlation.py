@@ -53,14 +53,14 @@ def _full_precision(device: torch.device):
 def stack_affines(weight: Tensor, bias: Tensor, weight_target: Tensor, bias_target: Tensor) -> Tensor:
     """The rows ``[gamma_s, beta_s, gamma_t, beta_t]`` as one detached ``(4, C)`` tensor
     in the compute dtype."""
-    stacked = torch.stack((weight.detach(), bias.detach(), weight_target.detach(), bias_target.detach()))
+    stacked = torch.stack((weight, bias, weight_target, bias_target)).detach()
     return as_dtype(stacked, compute_dtype(stacked.dtype))
 
 
 def signatures(weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
-    """Per-channel signature ``beta / (|gamma| + eps)`` of an affine (rows work too), detached."""
-    dtype = compute_dtype(weight.dtype)
-    return as_dtype(bias.detach(), dtype) / (as_dtype(weight.detach(), dtype).abs() + eps)
+    """Per-channel signature ``beta / (|gamma| + eps)`` of an affine (rows of several
+    affines work too), in the dtype of the inputs."""
+    return bias / (weight.abs() + eps)
 
 
 def correlation_from_stack(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:

@@ -78,9 +78,8 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor]:
     """Backward of AC-Norm: ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of
     the gradients of ``weight_target`` and ``bias_target`` in the compute dtype."""
-    affines = stack_affines(weight, bias, weight_target, bias_target)
     return fused_backend(backend).backward(
-        grad_out, x, affines, mean, invstd, aux,
+        grad_out, x, weight, bias, weight_target, bias_target, mean, invstd, aux,
         use_batch_stats, eps, temperature, activation, negative_slope,
     )
 

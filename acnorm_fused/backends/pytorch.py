@@ -8,7 +8,10 @@ default on CPUs and the model the fused GPU backends follow.
 
 Both functions are the implementations behind the custom ops in
 :mod:`acnorm_fused.ops`; they never run under autograd. ``affines`` are the
-``(4, C)`` rows of :func:`acnorm_fused.correlation.stack_affines`.
+``(4, C)`` rows of :func:`acnorm_fused.correlation.stack_affines`. The forward
+keeps ``S`` and the effective affine for the backward (``aux``, ``(C + 2, C)``):
+on a CPU each call on these tiny tensors costs more than its arithmetic, so
+computing them once per step matters, and they are only C x C.
 """
 
 from __future__ import annotations
@@ -24,17 +27,11 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
-def _bn_affine(x: Tensor, s: Tensor, affines: Tensor) -> tuple[Tensor, Tensor]:
-    """The effective affine ``(W, B)`` in the dtype ATen's BatchNorm wants beside ``x``."""
-    effective = as_dtype(recalibrate(s, affines[2:]), compute_dtype(x.dtype))
-    return effective[0], effective[1]
-
-
 def aux_like(weight: Tensor) -> Tensor:
-    """An empty tensor shaped like the ``aux`` this backend saves for the backward (``S``),
-    for parameters like ``weight``."""
+    """An empty tensor shaped like the ``aux`` this backend keeps for the backward
+    (``S`` with the effective affine ``W``, ``B`` as two more rows)."""
     channels = weight.shape[0]
-    return weight.new_empty((channels, channels), dtype=compute_dtype(weight.dtype))
+    return weight.new_empty((channels + 2, channels), dtype=compute_dtype(weight.dtype))
 
 
 def forward(
@@ -54,12 +51,11 @@ def forward(
     ``momentum`` is the effective factor of one running-statistics update. The
     running statistics are never modified: their updated values are returned
     (empty tensors when there are none or when ``use_batch_stats`` is false).
-    ``aux`` is ``S``, kept for the backward: recomputing it costs more than
-    the rest of the C x C work on a CPU, and it is only C x C.
     """
     s = correlation_from_stack(affines, eps, temperature)
-    w, b = _bn_affine(x, s, affines)
-    bn_dtype = w.dtype
+    aux = torch.cat((s, recalibrate(s, affines[2:])))
+    bn_dtype = compute_dtype(x.dtype)
+    w, b = as_dtype(aux[-2], bn_dtype), as_dtype(aux[-1], bn_dtype)
     if use_batch_stats:
         new_mean = new_var = None
         if running_mean is not None:
@@ -76,13 +72,16 @@ def forward(
         new_mean = x.new_empty((0,), dtype=bn_dtype)
         new_var = x.new_empty((0,), dtype=bn_dtype)
     out = apply_activation(out, activation, negative_slope, inplace=True)
-    return out, mean, invstd, new_mean, new_var, s
+    return out, mean, invstd, new_mean, new_var, aux
 
 
 def backward(
     grad_out: Tensor,
     x: Tensor,
-    affines: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
     mean: Tensor,
     invstd: Tensor,
     aux: Tensor,
@@ -93,9 +92,11 @@ def backward(
     negative_slope: float,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of the
-    gradients of ``weight_target`` and ``bias_target``; ``aux`` is ``S``."""
-    s = aux
-    w, b = _bn_affine(x, s, affines)
+    gradients of ``weight_target`` and ``bias_target``. The affine parameters
+    are not read: ``aux`` holds all this backend needs of them."""
+    s = aux[:-2]
+    bn_dtype = compute_dtype(x.dtype)
+    w, b = as_dtype(aux[-2], bn_dtype), as_dtype(aux[-1], bn_dtype)
     if activation:
         scale = w * invstd
         shift = b - mean * scale
