@@ -4,7 +4,8 @@ Run with ``pytest benchmarks/``. Each case times the authors' formulation
 (``reference``), acnorm_fused with ``backend="auto"`` and ``nn.BatchNorm3d``
 on the same input and is its own group, so pytest-benchmark's table shows the
 three side by side with their ratios. ``acnorm bench`` prints the same
-comparison interleaved, with peak memory.
+comparison interleaved, with peak memory. On CPUs freed memory is reused
+(:func:`acnorm_fused.benchmark.reuse_freed_memory`), as in ``acnorm bench``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from acnorm_fused import benchmark as bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = bench.default_cases(DEVICE)
+if DEVICE.type == "cpu":
+    bench.reuse_freed_memory()
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label().replace(" ", "-") for c in CASES])
