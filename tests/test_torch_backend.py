@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import acnorm_fused as acn
+from acnorm_fused.backends import pytorch as pytorch_backend
 from acnorm_fused.functional import effective_momentum
 
 from conftest import assert_close, make_affines, make_layer, random_input
@@ -230,3 +231,30 @@ def test_track_running_stats_false_uses_batch_stats_in_eval():
     assert_close(out, ref(x), torch.float32)
     out.sum().backward()
     assert layer.weight_target.grad is not None
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 4, 5, 6), (2, 5, 3, 4, 7), (1, 2, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mean", [0.0, 3000.0])
+def test_own_statistics_match_aten_batchnorm(shape, dtype, mean):
+    # Contiguous CPU inputs take the backend's own reductions; ATen's kernel is the twin.
+    x = random_input(shape, 40, dtype, mean=mean, std=2.0)
+    assert pytorch_backend._uses_own_reductions(x)
+    w, b = torch.rand(shape[1], dtype=dtype) + 0.5, torch.randn(shape[1], dtype=dtype)
+    out, mean_, var, invstd = pytorch_backend._train_forward_own_reductions(x.clone(), w, b, 1e-5)
+    ref_out, ref_mean, ref_invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+    exact = x.double()
+    dims = [0] + list(range(2, x.dim()))
+    exact_var = exact.var(dims, unbiased=False)
+    scale = 1.0 if mean == 0.0 else 100.0  # fp32 rounding of the data itself at 3000
+    assert_close(mean_, exact.mean(dims), dtype, scale)
+    assert_close(var, exact_var, dtype, scale)
+    assert_close(invstd, ref_invstd, dtype, scale)
+    assert_close(out, ref_out, dtype, scale)
+
+
+def test_other_inputs_take_atens_kernels():
+    x = random_input((2, 3, 4, 5), 41)
+    assert not pytorch_backend._uses_own_reductions(x.to(memory_format=torch.channels_last))
+    assert not pytorch_backend._uses_own_reductions(x.bfloat16())
+    assert not pytorch_backend._uses_own_reductions(random_input((8, 3), 42))
