@@ -113,15 +113,20 @@ def _(grad_out, x, weight, bias, weight_target, bias_target, mean, invstd, aux,
 def _setup_context(ctx, inputs, output) -> None:
     (x, weight, bias, weight_target, bias_target, _rm, _rv, use_batch_stats, _momentum,
      eps, temperature, activation, negative_slope, backend, _caller) = inputs
-    _out, mean, invstd, _new_mean, _new_var, aux = output
+    _out, mean, invstd, new_mean, new_var, aux = output
     ctx.save_for_backward(x, weight, bias, weight_target, bias_target, mean, invstd, aux)
     ctx.config = (use_batch_stats, eps, temperature, activation, negative_slope, backend)
+    # Only ``out`` carries gradient; the rest are statistics and saved state.
+    ctx.mark_non_differentiable(mean, invstd, new_mean, new_var, aux)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_through(backward_op: Callable[..., tuple[Tensor, Tensor]]):
     """The autograd formula, running the backward kernels through ``backward_op``."""
 
     def backward(ctx, grad_out, *_grads_of_saved_outputs):
+        if grad_out is None:
+            return (None,) * 15
         saved = ctx.saved_tensors
         grad_x, grad_target = backward_op(grad_out, *saved, *ctx.config)
         grad_target = as_dtype(grad_target, saved[3].dtype)
