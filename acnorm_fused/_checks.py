@@ -66,7 +66,9 @@ def check_input(
         raise TypeError(
             f"{name}: input dtype must be float32, float16, bfloat16 or float64, got {x.dtype}"
         )
-    channels = weight.shape[0] if weight.dim() == 1 else -1
+    if weight.dim() != 1:
+        raise ValueError(f"{name}: weight must be 1-D (one entry per channel), got {tuple(weight.shape)}")
+    channels = weight.shape[0]
     if x.shape[1] != channels:
         raise ValueError(
             f"{name}: expected input with {channels} channels (dim 1), got shape {tuple(x.shape)}"

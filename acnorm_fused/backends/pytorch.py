@@ -2,9 +2,10 @@
 
 Because both BatchNorms of the authors' formulation normalise with the same
 statistics, their sum is one BatchNorm with ``W = (I + S) gamma_t`` and
-``B = (I + S) beta_t``. This backend runs exactly that through ATen's own
-BatchNorm kernels, so it costs one BatchNorm plus a C x C step. It is the
-default on CPUs and the model the fused GPU backends follow.
+``B = (I + S) beta_t``. This backend runs exactly that, with ATen's BatchNorm
+kernels (and its own statistics pass where ATen's is slow, see below), so it
+costs one BatchNorm plus a C x C step. It is the default on CPUs and the model
+the fused GPU backends follow.
 
 Both functions are the implementations behind the custom ops in
 :mod:`acnorm_fused.ops`; they never run under autograd. ``affines`` are the
