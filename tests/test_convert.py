@@ -175,3 +175,24 @@ def test_folded_model_exports_without_custom_ops():
     assert not [t for t in targets if "acnorm" in t]
     assert any("batch_norm" in t for t in targets)
     torch.testing.assert_close(exported.module()(x), folded(x))
+
+
+def test_folded_model_exports_to_onnx_and_runs():
+    onnx_reference = pytest.importorskip("onnx.reference")
+    pytest.importorskip("onnxscript")
+    model = acn.convert_model(nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4)))
+    layer = model[1]
+    with torch.no_grad():
+        layer.weight_target.uniform_(0.5, 1.5)
+        layer.bias_target.normal_()
+        layer.running_mean.normal_()
+        layer.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x = random_input((1, 1, 5, 6, 7), 4)
+    expected = model(x)
+    program = torch.onnx.export(acn.fold_to_batchnorm(model), (x,), dynamo=True, verbose=False)
+    ops = {node.op_type for node in program.model_proto.graph.node}
+    assert not [op for op in ops if "acnorm" in op.lower()]
+    session = onnx_reference.ReferenceEvaluator(program.model_proto)
+    (got,) = session.run(None, {session.input_names[0]: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected.detach(), rtol=1e-4, atol=1e-5)
