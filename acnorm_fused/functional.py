@@ -105,6 +105,5 @@ def ac_norm(
     )
     if training and running_mean is not None:
         with torch.no_grad():
-            running_mean.copy_(new_mean)
-            running_var.copy_(new_var)
+            torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
     return out

@@ -46,10 +46,6 @@ def _uses_own_reductions(x: Tensor) -> bool:
     )
 
 
-def _channel_sum(t: Tensor) -> Tensor:
-    return t.view(t.shape[0], t.shape[1], -1).sum((0, 2))
-
-
 def _channel_sum_of_squares(t: Tensor) -> Tensor:
     """Per-channel sum of ``t * t`` for a contiguous ``(N, C, *)`` tensor, with no
     temporary: one dot product per (sample, channel) row, by BLAS."""
@@ -60,7 +56,7 @@ def _channel_sum_of_squares(t: Tensor) -> Tensor:
 def _train_forward_own_reductions(x, w, b, eps):
     """``(out, mean, var, invstd)`` of a training-mode BatchNorm of a contiguous CPU input."""
     count = x.numel() // x.shape[1]
-    mean = _channel_sum(x) / count
+    mean = x.view(x.shape[0], x.shape[1], -1).mean((0, 2))
     centered = x - _channel_view(mean, x.dim())
     var = _channel_sum_of_squares(centered) / count
     invstd = torch.rsqrt(var + eps)
