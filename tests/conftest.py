@@ -105,3 +105,13 @@ def _no_backend_override(monkeypatch):
 @pytest.fixture
 def layer_classes():
     return {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNorm3d}
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests need a CUDA device; without one they are reported as skipped."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

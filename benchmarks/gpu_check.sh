@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One run on a GPU machine (no network): environment, build, GPU tests and the
+# benchmark table, with a report written to $OUT (default: a local folder).
+# Meant to finish within about 8 minutes; every step has its own time limit
+# and a failing step does not stop the later ones.
+set -u
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+REPORT="$OUT/report.md"
+PY="${PYTHON:-python3}"
+
+section() { printf '\n## %s\n\n```\n' "$1" >> "$REPORT"; }
+endsection() { printf '```\n' >> "$REPORT"; }
+run() {  # run LIMIT_SECONDS TITLE COMMAND...: time-limited, output into the report and the console
+  local limit=$1 title=$2; shift 2
+  section "$title"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$REPORT"
+  local rc=${PIPESTATUS[0]}
+  printf '[exit %s after %ss]\n' "$rc" "$((SECONDS - start))" | tee -a "$REPORT"
+  endsection
+  return 0
+}
+
+printf '# GPU check %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$REPORT"
+printf '\ncommit: %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >> "$REPORT"
+
+run 30 "GPU and driver" nvidia-smi
+run 30 "Python, torch, triton" "$PY" -c '
+import sys, torch
+print("python", sys.version.split()[0])
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError:
+    print("triton not installed")
+'
+run 30 "nvcc" nvcc --version
+
+# No network here: install without build isolation or dependencies; fall back
+# to the source tree on the path if even that is impossible.
+run 240 "install (CUDA extension built when csrc/ has sources)" \
+  env ACNORM_BUILD_CUDA=auto "$PY" -m pip install --no-build-isolation --no-deps -e .
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+run 30 "acnorm info" "$PY" -m acnorm_fused.cli info
+run 180 "GPU tests" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+run 300 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 20 --warmup 3 --out "$OUT"
+
+echo "report: $REPORT"
