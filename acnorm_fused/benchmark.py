@@ -29,7 +29,8 @@ from .modules import ACNorm3d
 
 Shape = tuple[int, int, int, int, int]
 
-# DESIGN section 6: the 3D shapes of real medical networks (GPU).
+# 3D shapes of real medical networks (nnU-Net stages, Models Genesis, a large
+# volume with few channels, launch-bound deep layers), for GPUs.
 GPU_SHAPES: tuple[Shape, ...] = (
     (2, 32, 128, 128, 128),
     (2, 32, 112, 112, 112),
@@ -94,7 +95,7 @@ class Result:
 
 
 def default_cases(device: torch.device) -> list[Case]:
-    """The DESIGN shapes on a GPU, smaller 3D shapes on a CPU; fp32 and bf16 each."""
+    """The medical 3D shapes on a GPU, smaller 3D shapes on a CPU; fp32 and bf16 each."""
     if device.type == "cuda":
         shapes, cl_shapes = GPU_SHAPES, GPU_CHANNELS_LAST_SHAPES
     else:

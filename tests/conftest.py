@@ -1,4 +1,4 @@
-"""Shared helpers: seeded parameters and a from-scratch float64 model of SPEC section 2."""
+"""Shared helpers: seeded parameters and a from-scratch float64 model of AC-Norm."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def random_input(shape, seed: int, dtype=torch.float32, mean: float = 0.0, std: 
 
 
 def hand_correlation(weight, bias, weight_target, bias_target, eps=1e-5, temperature=1.0):
-    """SPEC section 2, steps 1-3, with Python floats and loops (float64 throughout)."""
+    """Signatures, softmax affinity and sparsification, with Python floats and loops (float64)."""
     ws, bs, wt, bt = ([float(v) for v in t.detach()] for t in (weight, bias, weight_target, bias_target))
     c = len(ws)
     y_s = [bs[j] / (abs(ws[j]) + eps) for j in range(c)]
@@ -69,7 +69,7 @@ def hand_correlation(weight, bias, weight_target, bias_target, eps=1e-5, tempera
 
 def hand_ac_norm(x, weight, bias, weight_target, bias_target, eps=1e-5, temperature=1.0,
                  mean=None, var=None):
-    """SPEC section 2 step 5 in float64: two BatchNorms with shared statistics, summed.
+    """AC-Norm in float64: two BatchNorms with shared statistics, summed.
 
     Batch statistics (biased variance) unless ``mean``/``var`` are given.
     Returns (z, batch_mean, batch_var).

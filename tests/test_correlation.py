@@ -1,4 +1,4 @@
-"""The C x C math against a hand computation of SPEC section 2."""
+"""The C x C math against a hand computation of the method's definition."""
 
 from __future__ import annotations
 

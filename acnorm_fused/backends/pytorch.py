@@ -54,7 +54,9 @@ def _channel_sum_of_squares(t: Tensor) -> Tensor:
     return torch.bmm(rows, rows.transpose(1, 2)).view(t.shape[0], t.shape[1]).sum(0)
 
 
-def _train_forward_own_reductions(x, w, b, eps):
+def _train_forward_own_reductions(
+    x: Tensor, w: Tensor, b: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(out, mean, var, invstd)`` of a training-mode BatchNorm of a contiguous CPU input."""
     count = x.numel() // x.shape[1]
     mean = x.view(x.shape[0], x.shape[1], -1).mean((0, 2))

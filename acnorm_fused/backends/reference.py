@@ -1,4 +1,4 @@
-"""The authors' formulation of AC-Norm, written from the specification.
+"""The authors' formulation of AC-Norm, written from the method's definition.
 
 Two BatchNorms over the same input, one with the target affine and one with
 the re-calibrated affine ``(S gamma_t, S beta_t)``, summed. Both calls share
