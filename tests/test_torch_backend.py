@@ -16,6 +16,15 @@ from conftest import assert_close, make_affines, make_layer, random_input
 SHAPES = [(6, 3), (2, 4, 7), (2, 3, 5, 6), (2, 3, 3, 4, 5)]
 
 
+@pytest.fixture(params=["aten", "own"])
+def statistics_path(request, monkeypatch):
+    """Run a test through both training-statistics paths of the torch backend,
+    whatever the input size (the own path normally starts at 2^18 elements)."""
+    threshold = 0 if request.param == "own" else 1 << 62
+    monkeypatch.setattr(pytorch_backend, "_OWN_REDUCTIONS_MIN_NUMEL", threshold)
+    return request.param
+
+
 def _run_pair(layer, x, steps=3, seed=0):
     """Train a torch-backend copy and a reference copy of ``layer`` on the same
     batches, then run both in eval; return both copies and their outputs/grads."""
@@ -60,7 +69,7 @@ def _assert_same(results, dtype, scale=1.0):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 @pytest.mark.parametrize("momentum", [0.1, 0.6])
-def test_matches_reference_float64(shape, temperature, momentum, layer_classes):
+def test_matches_reference_float64(shape, temperature, momentum, layer_classes, statistics_path):
     cls = layer_classes[len(shape)]
     layer = make_layer(cls, shape[1], seed=1, dtype=torch.float64,
                        temperature=temperature, momentum=momentum)
@@ -70,7 +79,7 @@ def test_matches_reference_float64(shape, temperature, momentum, layer_classes):
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
-def test_matches_reference_float32(shape, activation, layer_classes):
+def test_matches_reference_float32(shape, activation, layer_classes, statistics_path):
     cls = layer_classes[len(shape)]
     layer = make_layer(cls, shape[1], seed=3, activation=activation, negative_slope=0.1)
     x = random_input(shape, 4)
@@ -158,7 +167,7 @@ def test_two_values_per_channel():
     assert_close(layer(x), ref(x), torch.float32)
 
 
-def test_constant_channel_stays_finite():
+def test_constant_channel_stays_finite(statistics_path):
     layer = make_layer(acn.ACNorm3d, 3, seed=18)
     x = random_input((2, 3, 2, 3, 4), 19)
     x[:, 1] = 7.0
@@ -175,7 +184,7 @@ def test_constant_channel_stays_finite():
     assert_close(out[:, ::2], ref[:, ::2], torch.float32)
 
 
-def test_large_mean_float32():
+def test_large_mean_float32(statistics_path):
     # CT-like intensities: a large mean with a small spread.
     layer = make_layer(acn.ACNorm3d, 4, seed=20)
     x = random_input((2, 4, 5, 6, 7), 21, torch.float64, mean=3000.0, std=2.0)
@@ -186,7 +195,7 @@ def test_large_mean_float32():
     assert_close(layer.running_var, ref.running_var, torch.float32, scale=100)
 
 
-def test_odd_sizes_and_one_channel():
+def test_odd_sizes_and_one_channel(statistics_path):
     for shape in [(3, 1, 7), (1, 1, 3, 5), (3, 7, 1, 1, 5), (5, 13)]:
         cls = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNorm3d}[len(shape)]
         layer = make_layer(cls, shape[1], seed=22, dtype=torch.float64)
@@ -195,7 +204,7 @@ def test_odd_sizes_and_one_channel():
 
 
 @pytest.mark.parametrize("double_update", [True, False])
-def test_running_stats_equal_batchnorm_with_the_equivalent_momentum(double_update):
+def test_running_stats_equal_batchnorm_with_the_equivalent_momentum(double_update, statistics_path):
     layer = make_layer(acn.ACNorm3d, 4, seed=24, momentum=0.2, double_update=double_update)
     bn = torch.nn.BatchNorm3d(4, momentum=effective_momentum(0.2, double_update))
     bn.running_mean.copy_(layer.running_mean)
@@ -208,7 +217,7 @@ def test_running_stats_equal_batchnorm_with_the_equivalent_momentum(double_updat
     assert_close(layer.running_var, bn.running_var, torch.float32)
 
 
-def test_momentum_none_is_a_cumulative_average():
+def test_momentum_none_is_a_cumulative_average(statistics_path):
     layer = acn.ACNorm2d(3, momentum=None)
     bn = torch.nn.BatchNorm2d(3, momentum=None)
     for step in range(5):
@@ -236,10 +245,10 @@ def test_track_running_stats_false_uses_batch_stats_in_eval():
 @pytest.mark.parametrize("shape", [(2, 3, 5), (3, 4, 5, 6), (2, 5, 3, 4, 7), (1, 2, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mean", [0.0, 3000.0])
-def test_own_statistics_match_aten_batchnorm(shape, dtype, mean):
-    # Contiguous CPU inputs take the backend's own reductions; ATen's kernel is the twin.
+@pytest.mark.parametrize("statistics_path", ["own"], indirect=True)
+def test_own_statistics_match_aten_batchnorm(shape, dtype, mean, statistics_path):
+    # The backend's own reductions against their twin, ATen's kernel.
     x = random_input(shape, 40, dtype, mean=mean, std=2.0)
-    assert pytorch_backend._uses_own_reductions(x)
     w, b = torch.rand(shape[1], dtype=dtype) + 0.5, torch.randn(shape[1], dtype=dtype)
     out, mean_, var, invstd = pytorch_backend._train_forward_own_reductions(x.clone(), w, b, 1e-5)
     ref_out, ref_mean, ref_invstd = torch.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
@@ -253,8 +262,18 @@ def test_own_statistics_match_aten_batchnorm(shape, dtype, mean):
     assert_close(out, ref_out, dtype, scale)
 
 
-def test_other_inputs_take_atens_kernels():
-    x = random_input((2, 3, 4, 5), 41)
-    assert not pytorch_backend._uses_own_reductions(x.to(memory_format=torch.channels_last))
+def test_which_inputs_take_the_own_statistics():
+    x = random_input((2, 4, 32, 32, 32), 41)  # 2^18 elements
+    assert pytorch_backend._uses_own_reductions(x)
+    assert pytorch_backend._uses_own_reductions(x.double())
+    assert not pytorch_backend._uses_own_reductions(x[:, :, :16])
+    assert not pytorch_backend._uses_own_reductions(x.to(memory_format=torch.channels_last_3d))
     assert not pytorch_backend._uses_own_reductions(x.bfloat16())
-    assert not pytorch_backend._uses_own_reductions(random_input((8, 3), 42))
+    assert not pytorch_backend._uses_own_reductions(x.view(2, -1, 1, 1))
+
+
+def test_own_statistics_at_their_real_size():
+    layer = make_layer(acn.ACNorm3d, 4, seed=43, activation="relu")
+    x = random_input((2, 4, 32, 32, 32), 44, mean=5.0, std=3.0)
+    assert pytorch_backend._uses_own_reductions(x)
+    _assert_same(_run_pair(layer, x, steps=2), torch.float32)
