@@ -49,6 +49,20 @@ def _parse_shape(text: str) -> benchmark.Shape:
     return tuple(parts)  # type: ignore[return-value]
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark table and optionally write it as Markdown and JSON."""
     if args.device == "auto":
@@ -112,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--layouts", nargs="+", default=["contiguous", "channels_last"],
         choices=["contiguous", "channels_last"],
     )
-    bench.add_argument("--repeats", type=int, default=20, help="timed steps per layer (median)")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed steps per layer first")
+    bench.add_argument("--repeats", type=_positive_int, default=20, help="timed steps per layer (median)")
+    bench.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps per layer first")
     bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
     bench.add_argument(
         "--system-malloc", action="store_true",

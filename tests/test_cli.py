@@ -37,9 +37,11 @@ def test_bench_writes_markdown_and_json(tmp_path, capsys):
         assert ratios["peak_memory_acnorm_over_batchnorm"] > 0
 
 
-def test_bench_rejects_bad_shapes():
+@pytest.mark.parametrize("args", [["--shapes", "2x4x3"], ["--repeats", "0"], ["--warmup", "-1"]])
+def test_bench_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit):
-        main(["bench", "--shapes", "2x4x3"])
+        main(["bench", *args])
+    assert "argument" in capsys.readouterr().err
 
 
 def test_default_cases_cover_both_dtypes_and_layouts():
