@@ -8,7 +8,9 @@ behind the custom ops of :mod:`acnorm_fused.ops`.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
@@ -17,13 +19,49 @@ import torch
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 BACKEND_ENV = "ACNORM_BACKEND"
 
-# Fused backends that this installation ships, by name -> module.
-_FUSED_MODULES = {"torch": "acnorm_fused.backends.pytorch"}
+# Fused backends, by name -> module.
+_FUSED_MODULES = {
+    "torch": "acnorm_fused.backends.pytorch",
+    "triton": "acnorm_fused.backends.triton",
+}
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton kernels run in its interpreter (``TRITON_INTERPRET=1``), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _triton_usable() -> bool:
+    return _triton_installed() and (triton_interpreted() or torch.cuda.is_available())
 
 
 def available_backends() -> list[str]:
     """Names of the backends that can run on this installation and machine."""
-    return ["reference", *_FUSED_MODULES]
+    names = ["reference", "torch"]
+    if _triton_usable():
+        names.append("triton")
+    return names
+
+
+def _check_triton_input(x: torch.Tensor, caller: str) -> None:
+    """Raise a clear error for an input the triton backend cannot run."""
+    if x.dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
+            f"{x.dtype}; use backend='torch' for it"
+        )
+    if x.is_cuda or (x.device.type == "cpu" and triton_interpreted()):
+        return
+    raise RuntimeError(
+        f"{caller}: backend 'triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+        f"set before triton is imported), got a tensor on {x.device}"
+    )
 
 
 def validate_backend_name(name: str, caller: str) -> None:
@@ -36,8 +74,10 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
     """The concrete backend that runs ``x`` for a requested backend ``name``.
 
     ``"auto"`` (or the ``ACNORM_BACKEND`` environment variable, when set)
-    picks the fastest backend for ``x``'s device. An explicit backend that
-    cannot run ``x`` is an error, never a silent fallback.
+    picks the fastest backend for ``x``: the Triton kernels for CUDA tensors of
+    float32, float16 or bfloat16 when triton is installed, else ``torch``. An
+    explicit backend that cannot run ``x`` is an error, never a silent
+    fallback.
     """
     validate_backend_name(name, caller)
     if name == "auto":
@@ -46,12 +86,16 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
             validate_backend_name(override, f"{caller} ({BACKEND_ENV})")
             name = override
     if name == "auto":
+        if x.is_cuda and x.dtype in TRITON_DTYPES and _triton_installed():
+            return "triton"
         return "torch"
     if name not in available_backends():
         raise RuntimeError(
             f"{caller}: backend {name!r} is not available in this installation "
             f"(available: {', '.join(available_backends())})"
         )
+    if name == "triton":
+        _check_triton_input(x, caller)
     return name
 
 

@@ -1,0 +1,172 @@
+"""Per-channel finalise steps, between the passes over x.
+
+``finalise_forward_kernel``: merge the statistics partials of a block of
+channels (Chan's formula, fixed order) or read the running statistics, move
+the running statistics, compute each channel's row of the correlation S from
+``y_t[c]`` and all of ``y_s`` (no C x C matrix is stored), the effective
+affine ``W_c = gamma_t[c] + sum_j S[c, j] gamma_t[j]`` (``B_c`` alike), and the
+scale and shift of the apply pass.
+
+``finalise_backward_kernel``: sum the gradient partials, giving ``dW``, ``dB``
+and the coefficients of ``dx = scale * dy + p * x + q``.
+
+``target_grad_kernel``: ``(I + S)^T [dW; dB]``, one block of columns of S per
+program, S recomputed from the row normalisers the forward saved.
+
+The rows of ``aux`` (fp32, ``(AUX_ROWS, C)``), written by the forward and read
+by the backward: scale, shift, y_s, y_t, row maximum and row exponential sum of
+the softmax behind S.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import affinity, affinity_logit, chan_merge, signature
+
+AUX_ROWS = 6
+AUX_SCALE, AUX_SHIFT, AUX_Y_SOURCE, AUX_Y_TARGET, AUX_ROW_MAX, AUX_ROW_SUM = range(AUX_ROWS)
+
+
+@triton.jit
+def _softmax_normalisers(y_target, affines_ptr, C, eps, temperature,
+                         BLOCK_CH: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Maximum logit and sum of exponentials of rows of A (``y_target``: one per row)."""
+    row_max = tl.full([BLOCK_CH], float("-inf"), tl.float32)
+    for j in range(0, C, BLOCK_J):
+        cols = j + tl.arange(0, BLOCK_J)
+        y_source = signature(tl.load(affines_ptr + cols, mask=cols < C, other=1.0),
+                             tl.load(affines_ptr + C + cols, mask=cols < C, other=0.0), eps)
+        logits = affinity_logit(y_target[:, None], y_source[None, :], temperature)
+        logits = tl.where((cols < C)[None, :], logits, float("-inf"))
+        row_max = tl.maximum(row_max, tl.max(logits, axis=1))
+    row_sum = tl.zeros([BLOCK_CH], tl.float32)
+    for j in range(0, C, BLOCK_J):
+        cols = j + tl.arange(0, BLOCK_J)
+        y_source = signature(tl.load(affines_ptr + cols, mask=cols < C, other=1.0),
+                             tl.load(affines_ptr + C + cols, mask=cols < C, other=0.0), eps)
+        logits = affinity_logit(y_target[:, None], y_source[None, :], temperature)
+        terms = tl.exp(logits - row_max[:, None])
+        row_sum += tl.sum(tl.where((cols < C)[None, :], terms, 0.0), axis=1)
+    return row_max, row_sum
+
+
+@triton.jit
+def finalise_forward_kernel(
+    partials_ptr, num_splits, affines_ptr, running_mean_ptr, running_var_ptr,
+    mean_ptr, invstd_ptr, new_mean_ptr, new_var_ptr, aux_ptr,
+    C, count, momentum, eps, temperature,
+    BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
+    channel_mask = channels < C
+    if BATCH_STATS:
+        splits = tl.arange(0, BLOCK_SPLIT)
+        mask = channel_mask[:, None] & (splits < num_splits)[None, :]
+        offsets = channels[:, None] * num_splits + splits[None, :]
+        plane = C * num_splits
+        part_n = tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+        part_mean = tl.load(partials_ptr + plane + offsets, mask=mask, other=0.0)
+        part_m2 = tl.load(partials_ptr + 2 * plane + offsets, mask=mask, other=0.0)
+        _, mean, m2 = tl.reduce((part_n, part_mean, part_m2), 1, chan_merge)
+        var = m2 / count
+        if UPDATE_RUNNING:
+            old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
+            old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
+            unbiased = var * (count / (count - 1.0))
+            tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=channel_mask)
+            tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=channel_mask)
+    else:
+        mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    tl.store(mean_ptr + channels, mean, mask=channel_mask)
+    tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
+
+    # Row c of S and the effective affine; affines rows: gamma_s, beta_s, gamma_t, beta_t.
+    gamma_t = tl.load(affines_ptr + 2 * C + channels, mask=channel_mask, other=1.0)
+    beta_t = tl.load(affines_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    y_target = signature(gamma_t, beta_t, eps)
+    y_source_own = signature(tl.load(affines_ptr + channels, mask=channel_mask, other=1.0),
+                             tl.load(affines_ptr + C + channels, mask=channel_mask, other=0.0), eps)
+    row_max, row_sum = _softmax_normalisers(y_target, affines_ptr, C, eps, temperature, BLOCK_CH, BLOCK_J)
+    diagonal = affinity(y_target, y_source_own, row_max, row_sum, temperature)
+    w_eff = gamma_t
+    b_eff = beta_t
+    for j in range(0, C, BLOCK_J):
+        cols = j + tl.arange(0, BLOCK_J)
+        col_mask = cols < C
+        y_source = signature(tl.load(affines_ptr + cols, mask=col_mask, other=1.0),
+                             tl.load(affines_ptr + C + cols, mask=col_mask, other=0.0), eps)
+        a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
+        s = tl.where(col_mask[None, :] & (a >= diagonal[:, None]), a, 0.0)
+        gamma_cols = tl.load(affines_ptr + 2 * C + cols, mask=col_mask, other=0.0)
+        beta_cols = tl.load(affines_ptr + 3 * C + cols, mask=col_mask, other=0.0)
+        w_eff += tl.sum(s * gamma_cols[None, :], axis=1)
+        b_eff += tl.sum(s * beta_cols[None, :], axis=1)
+    scale = w_eff * invstd
+    tl.store(aux_ptr + 0 * C + channels, scale, mask=channel_mask)
+    tl.store(aux_ptr + 1 * C + channels, b_eff - mean * scale, mask=channel_mask)
+    tl.store(aux_ptr + 2 * C + channels, y_source_own, mask=channel_mask)
+    tl.store(aux_ptr + 3 * C + channels, y_target, mask=channel_mask)
+    tl.store(aux_ptr + 4 * C + channels, row_max, mask=channel_mask)
+    tl.store(aux_ptr + 5 * C + channels, row_sum, mask=channel_mask)
+
+
+@triton.jit
+def finalise_backward_kernel(
+    partials_ptr, num_splits, mean_ptr, invstd_ptr, aux_ptr, grad_affine_ptr, coef_ptr,
+    C, count,
+    BATCH_STATS: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
+    channel_mask = channels < C
+    splits = tl.arange(0, BLOCK_SPLIT)
+    mask = channel_mask[:, None] & (splits < num_splits)[None, :]
+    offsets = channels[:, None] * num_splits + splits[None, :]
+    sum_dy = tl.sum(tl.load(partials_ptr + offsets, mask=mask, other=0.0), axis=1)
+    sum_dy_xmu = tl.sum(tl.load(partials_ptr + C * num_splits + offsets, mask=mask, other=0.0), axis=1)
+    invstd = tl.load(invstd_ptr + channels, mask=channel_mask, other=0.0)
+    tl.store(grad_affine_ptr + channels, sum_dy_xmu * invstd, mask=channel_mask)
+    tl.store(grad_affine_ptr + C + channels, sum_dy, mask=channel_mask)
+    if BATCH_STATS:
+        # The batch statistics depend on x: dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+        mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
+        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
+        p = -scale * invstd * invstd * sum_dy_xmu / count
+        q = -scale * sum_dy / count - p * mean
+    else:
+        p = tl.zeros([BLOCK_CH], tl.float32)
+        q = tl.zeros([BLOCK_CH], tl.float32)
+    tl.store(coef_ptr + channels, p, mask=channel_mask)
+    tl.store(coef_ptr + C + channels, q, mask=channel_mask)
+
+
+@triton.jit
+def target_grad_kernel(
+    aux_ptr, grad_affine_ptr, out_ptr, C, temperature,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
+    col_mask = cols < C
+    y_source = tl.load(aux_ptr + 2 * C + cols, mask=col_mask, other=0.0)
+    grad_w = tl.load(grad_affine_ptr + cols, mask=col_mask, other=0.0)
+    grad_b = tl.load(grad_affine_ptr + C + cols, mask=col_mask, other=0.0)
+    acc_w = grad_w
+    acc_b = grad_b
+    for i in range(0, C, BLOCK_I):
+        rows = i + tl.arange(0, BLOCK_I)
+        row_mask = rows < C
+        y_source_own = tl.load(aux_ptr + 2 * C + rows, mask=row_mask, other=0.0)
+        y_target = tl.load(aux_ptr + 3 * C + rows, mask=row_mask, other=0.0)
+        row_max = tl.load(aux_ptr + 4 * C + rows, mask=row_mask, other=0.0)
+        row_sum = tl.load(aux_ptr + 5 * C + rows, mask=row_mask, other=1.0)
+        diagonal = affinity(y_target, y_source_own, row_max, row_sum, temperature)
+        a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
+        s = tl.where(row_mask[:, None] & col_mask[None, :] & (a >= diagonal[:, None]), a, 0.0)
+        acc_w += tl.sum(s * tl.load(grad_affine_ptr + rows, mask=row_mask, other=0.0)[:, None], axis=0)
+        acc_b += tl.sum(s * tl.load(grad_affine_ptr + C + rows, mask=row_mask, other=0.0)[:, None], axis=0)
+    tl.store(out_ptr + cols, acc_w, mask=col_mask)
+    tl.store(out_ptr + C + cols, acc_b, mask=col_mask)

@@ -1,0 +1,142 @@
+"""How an input is laid out for the kernels, and the launch heuristics.
+
+Every supported input is one of two dense layouts of ``(N, C, *spatial)``
+with ``S`` spatial positions per sample:
+
+- *planar*: contiguous NC(D)HW, a channel's values are ``N`` runs of ``S``
+  consecutive elements;
+- *interleaved*: channels_last / channels_last_3d, or any input with ``S == 1``
+  (``(N, C)``), a ``(N * S, C)`` row-major matrix whose rows hold one value of
+  every channel.
+
+Each kernel family has one variant per layout, so that the innermost index
+always walks consecutive addresses and the loads vectorise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# A streaming tile: enough elements per program and loop step to keep 16-byte
+# loads in flight on every lane of 8 warps, few enough to stay in registers.
+_TILE = 4096
+# Programs per streaming multiprocessor that a statistics pass aims for.
+_WAVES = 4
+# The finalise step holds one tile of partials per block of channels.
+_FINALISE_TILE = 2048
+# Column block of the C x C correlation tiles.
+CORRELATION_BLOCK = 64
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _worker_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a small stand-in for the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _num_warps(tile: int) -> int:
+    return 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes of the input and the launch configuration of every pass over it."""
+
+    planar: bool
+    n: int  # samples
+    c: int  # channels
+    s: int  # spatial positions per sample
+    # Reduction passes: (C, split_s, split_n) programs for planar inputs, each
+    # covering n_chunk samples and s_chunk positions; (c_blocks, splits)
+    # programs for interleaved inputs, each covering r_chunk rows.
+    block: int  # planar: elements per step
+    block_r: int  # interleaved: rows per step
+    block_c: int  # interleaved: channels per step
+    split_s: int
+    split_n: int
+    s_chunk: int
+    n_chunk: int
+    r_chunk: int
+    num_warps: int
+
+    @property
+    def rows(self) -> int:
+        """Rows of the interleaved view, ``N * S``."""
+        return self.n * self.s
+
+    @property
+    def count(self) -> int:
+        """Values per channel."""
+        return self.n * self.s
+
+    @property
+    def splits(self) -> int:
+        """Partial results per channel of a reduction pass."""
+        return self.split_s * self.split_n
+
+    @property
+    def c_blocks(self) -> int:
+        return _cdiv(self.c, self.block_c)
+
+    def reduce_grid(self) -> tuple[int, ...]:
+        if self.planar:
+            return (self.c, self.split_s, self.split_n)
+        return (self.c_blocks, self.split_s)
+
+    def elementwise_grid(self) -> tuple[int]:
+        if self.planar:
+            return (self.n * self.c * _cdiv(self.s, self.block),)
+        return (_cdiv(self.rows, self.block_r) * self.c_blocks,)
+
+    def finalise_blocks(self) -> tuple[int, int]:
+        """``(channels per program, padded splits)`` of the finalise step."""
+        split_block = _next_pow2(self.splits)
+        return max(1, min(_next_pow2(self.c), _FINALISE_TILE // split_block, 32)), split_block
+
+
+def is_planar(x: Tensor) -> bool:
+    """Whether ``x`` takes the planar kernels (else the interleaved ones)."""
+    spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)
+    return x.is_contiguous() and spatial > 1
+
+
+def geometry(x: Tensor) -> Geometry:
+    """The layout of ``x`` (contiguous or channels-last, as :func:`is_planar`
+    decides) and the launch configuration for it."""
+    n, c = x.shape[0], x.shape[1]
+    s = x.numel() // max(n * c, 1)
+    target = _WAVES * _worker_count(x.device)
+    per_channel = max(1, _cdiv(target, c))
+    if is_planar(x):
+        block = min(_TILE, max(16, _next_pow2(s)))
+        s_blocks = max(1, _cdiv(s, block))
+        split_s = min(per_channel, s_blocks)
+        s_chunk = _cdiv(s_blocks, split_s) * block
+        split_s = max(1, _cdiv(s, s_chunk))
+        split_n = min(n, _cdiv(per_channel, split_s))
+        n_chunk = _cdiv(n, split_n)
+        split_n = _cdiv(n, n_chunk)
+        return Geometry(True, n, c, s, block, 1, 1, split_s, split_n, s_chunk, n_chunk, 0,
+                        _num_warps(block))
+    rows = n * s
+    block_c = min(_next_pow2(c), 64)
+    block_r = max(1, min(_TILE // block_c, _next_pow2(rows)))
+    per_block = max(1, _cdiv(target, _cdiv(c, block_c)))
+    r_blocks = max(1, _cdiv(rows, block_r))
+    splits = min(per_block, r_blocks)
+    r_chunk = _cdiv(r_blocks, splits) * block_r
+    splits = max(1, _cdiv(rows, r_chunk))
+    return Geometry(False, n, c, s, 1, block_r, block_c, splits, 1, 0, 0, r_chunk,
+                    _num_warps(block_r * block_c))

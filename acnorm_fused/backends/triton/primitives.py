@@ -1,0 +1,74 @@
+"""Device functions shared by the kernel families: activations, Welford
+accumulation, Chan's merge and the entries of the correlation matrix S."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Activation codes of the ``ACT`` constexpr.
+ACT_NONE = 0
+ACT_RELU = 1
+ACT_LEAKY_RELU = 2
+ACTIVATION_CODES = {"": ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU}
+
+
+@triton.jit
+def activate(pre, slope, ACT: tl.constexpr):
+    """``act(pre)``."""
+    if ACT == 1:
+        return tl.where(pre > 0, pre, 0.0)
+    elif ACT == 2:
+        return tl.where(pre > 0, pre, pre * slope)
+    else:
+        return pre
+
+
+@triton.jit
+def activation_grad(grad, pre, slope, ACT: tl.constexpr):
+    """Gradient with respect to the pre-activation ``pre``, from the output gradient."""
+    if ACT == 1:
+        return tl.where(pre > 0, grad, 0.0)
+    elif ACT == 2:
+        return tl.where(pre > 0, grad, grad * slope)
+    else:
+        return grad
+
+
+@triton.jit
+def welford_step(count, mean, m2, x, mask):
+    """Add ``x`` to per-lane running (count, mean, M2) where ``mask`` holds."""
+    count = count + mask.to(tl.float32)
+    delta = tl.where(mask, x - mean, 0.0)
+    mean = mean + delta / tl.maximum(count, 1.0)
+    return count, mean, m2 + delta * (x - mean)
+
+
+@triton.jit
+def chan_merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Chan's formula: (count, mean, M2) of the union of two disjoint sets. Exact
+    for a large mean against the spread, unlike sums of squares."""
+    count = count_a + count_b
+    weight_b = tl.where(count > 0, count_b / tl.maximum(count, 1.0), 0.0)
+    delta = mean_b - mean_a
+    return count, mean_a + delta * weight_b, m2_a + m2_b + delta * delta * count_a * weight_b
+
+
+@triton.jit
+def signature(weight, bias, eps):
+    """Channel signature ``bias / (|weight| + eps)``."""
+    return bias / (tl.abs(weight) + eps)
+
+
+@triton.jit
+def affinity_logit(y_target, y_source, temperature):
+    """``-|y_t - y_s| / T``, rounded as the reference rounds it."""
+    return tl.abs(y_target - y_source) / (-temperature)
+
+
+@triton.jit
+def affinity(y_target, y_source, row_max, row_sum, temperature):
+    """Softmax entry ``A[i, j]`` from the row's maximum logit and exponential sum.
+    Every kernel computes A with this one expression, so the entries that S
+    keeps (those >= the diagonal entry, ties included) agree between them."""
+    return tl.exp(affinity_logit(y_target, y_source, temperature) - row_max) / row_sum

@@ -1,0 +1,111 @@
+"""Per-channel reduction passes over x: the training statistics (forward) and
+the two gradient sums (backward), one kernel per layout.
+
+Each program reduces one chunk of one channel (planar) or of a block of
+channels (interleaved) in fp32 and writes its partial result to
+``partials[k, channel, split]``; the finalise kernels merge the partials of a
+channel in a fixed order, so results do not depend on scheduling. With
+``GRAD`` false a program keeps per-lane Welford states (count, mean, M2) and
+merges its lanes with Chan's formula; with ``GRAD`` true it sums ``dy`` and
+``dy * (x - mean)``, ``dy`` taken through the activation's derivative, whose
+mask is recomputed from x with the forward's scale and shift.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .primitives import activation_grad, chan_merge, welford_step
+
+
+@triton.jit
+def reduce_planar_kernel(
+    x_ptr, dy_ptr, partials_ptr, mean_ptr, scale_ptr, shift_ptr,
+    N, C, S, n_chunk, s_chunk, slope,
+    BLOCK: tl.constexpr, GRAD: tl.constexpr, ACT: tl.constexpr,
+):
+    channel = tl.program_id(0)
+    s_split = tl.program_id(1)
+    n_split = tl.program_id(2)
+    num_splits = tl.num_programs(1) * tl.num_programs(2)
+    split = n_split * tl.num_programs(1) + s_split
+    lanes = tl.arange(0, BLOCK)
+    acc_n = tl.zeros([BLOCK], tl.float32)
+    acc_a = tl.zeros([BLOCK], tl.float32)
+    acc_b = tl.zeros([BLOCK], tl.float32)
+    if GRAD:
+        mean = tl.load(mean_ptr + channel)
+        scale = tl.load(scale_ptr + channel)
+        shift = tl.load(shift_ptr + channel)
+    s_start = s_split * s_chunk
+    s_end = tl.minimum(s_start + s_chunk, S)
+    n_start = n_split * n_chunk
+    n_end = tl.minimum(n_start + n_chunk, N)
+    for n in range(n_start, n_end):
+        row_start = (n * C + channel).to(tl.int64) * S
+        # Chunks are whole blocks except at S, so ``< S`` is the only bound.
+        for s in range(s_start, s_end, BLOCK):
+            offsets = row_start + s + lanes
+            mask = s + lanes < S
+            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            if GRAD:
+                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                dy = activation_grad(dy, x * scale + shift, slope, ACT)
+                acc_a += dy
+                acc_b += dy * (x - mean)  # dy is 0 on masked lanes
+            else:
+                acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x, mask)
+    out = partials_ptr + channel * num_splits + split
+    plane = C * num_splits
+    if GRAD:
+        tl.store(out, tl.sum(acc_a, axis=0))
+        tl.store(out + plane, tl.sum(acc_b, axis=0))
+    else:
+        count, mean, m2 = tl.reduce((acc_n, acc_a, acc_b), 0, chan_merge)
+        tl.store(out, count)
+        tl.store(out + plane, mean)
+        tl.store(out + 2 * plane, m2)
+
+
+@triton.jit
+def reduce_interleaved_kernel(
+    x_ptr, dy_ptr, partials_ptr, mean_ptr, scale_ptr, shift_ptr,
+    R, C, r_chunk, slope,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr, ACT: tl.constexpr,
+):
+    channels = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    channel_mask = channels < C
+    acc_n = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    if GRAD:
+        mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+    r_start = split * r_chunk
+    r_end = tl.minimum(r_start + r_chunk, R)
+    for r in range(r_start, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        mask = (rows < R)[:, None] & channel_mask[None, :]
+        offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if GRAD:
+            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            dy = activation_grad(dy, x * scale + shift, slope, ACT)
+            acc_a += dy
+            acc_b += dy * (x - mean)  # dy is 0 on masked lanes
+        else:
+            acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x, mask)
+    out = partials_ptr + channels * num_splits + split
+    plane = C * num_splits
+    if GRAD:
+        tl.store(out, tl.sum(acc_a, axis=0), mask=channel_mask)
+        tl.store(out + plane, tl.sum(acc_b, axis=0), mask=channel_mask)
+    else:
+        count, mean, m2 = tl.reduce((acc_n, acc_a, acc_b), 0, chan_merge)
+        tl.store(out, count, mask=channel_mask)
+        tl.store(out + plane, mean, mask=channel_mask)
+        tl.store(out + 2 * plane, m2, mask=channel_mask)
