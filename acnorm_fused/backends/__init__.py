@@ -8,7 +8,6 @@ behind the custom ops of :mod:`acnorm_fused.ops`.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -32,13 +31,11 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def _triton_usable() -> bool:
-    return _triton_installed() and (triton_interpreted() or torch.cuda.is_available())
+    return _TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
 
 
 def available_backends() -> list[str]:
@@ -51,6 +48,10 @@ def available_backends() -> list[str]:
 
 def _check_triton_input(x: torch.Tensor, caller: str) -> None:
     """Raise a clear error for an input the triton backend cannot run."""
+    if not _TRITON_INSTALLED:
+        raise RuntimeError(
+            f"{caller}: backend 'triton' needs the triton package (pip install 'acnorm-fused[triton]')"
+        )
     if x.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
@@ -86,16 +87,16 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
             validate_backend_name(override, f"{caller} ({BACKEND_ENV})")
             name = override
     if name == "auto":
-        if x.is_cuda and x.dtype in TRITON_DTYPES and _triton_installed():
+        if x.is_cuda and x.dtype in TRITON_DTYPES and _TRITON_INSTALLED:
             return "triton"
         return "torch"
-    if name not in available_backends():
+    if name == "triton":
+        _check_triton_input(x, caller)
+    elif name not in available_backends():
         raise RuntimeError(
             f"{caller}: backend {name!r} is not available in this installation "
             f"(available: {', '.join(available_backends())})"
         )
-    if name == "triton":
-        _check_triton_input(x, caller)
     return name
 
 

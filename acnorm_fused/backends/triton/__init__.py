@@ -49,20 +49,20 @@ def aux_like(weight: Tensor) -> Tensor:
 
 
 def _reduce(geo: Geometry, x: Tensor, dy: Tensor | None, partials: Tensor,
-            mean: Tensor, aux: Tensor, activation: str, slope: float) -> None:
+            aux: Tensor, activation: str, slope: float) -> None:
     """Launch a reduction pass: statistics when ``dy`` is None, else gradient sums."""
     grad = dy is not None
     dy = x if dy is None else dy
     act = ACTIVATION_CODES[activation]
     if geo.planar:
         reduce_planar_kernel[geo.reduce_grid()](
-            x, dy, partials, mean, aux[0], aux[1],
+            x, dy, partials, aux,
             geo.n, geo.c, geo.s, geo.n_chunk, geo.s_chunk, slope,
             BLOCK=geo.block, GRAD=grad, ACT=act, num_warps=geo.num_warps,
         )
     else:
         reduce_interleaved_kernel[geo.reduce_grid()](
-            x, dy, partials, mean, aux[0], aux[1],
+            x, dy, partials, aux,
             geo.rows, geo.c, geo.r_chunk, slope,
             BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, GRAD=grad, ACT=act, num_warps=geo.num_warps,
         )
@@ -114,11 +114,11 @@ def forward(
     with _on_device(x):
         if use_batch_stats:
             partials = x.new_empty((3, channels, geo.splits), dtype=f32)
-            _reduce(geo, x, None, partials, mean, aux, activation, negative_slope)
+            _reduce(geo, x, None, partials, aux, activation, negative_slope)
         else:
             partials = mean  # not read
         finalise_forward_kernel[(-(-channels // block_ch),)](
-            partials, geo.splits, affines.to(f32).contiguous(),
+            partials, geo.splits, x, geo.s if geo.planar else 1, affines.to(f32).contiguous(),
             mean if running_mean is None else running_mean,
             invstd if running_var is None else running_var,
             mean, invstd, new_mean, new_var, aux,
@@ -164,11 +164,11 @@ def backward(
     block_ch, block_split = geo.finalise_blocks()
     with _on_device(x):
         if x.numel():
-            _reduce(geo, x, grad_out, partials, mean, aux, activation, negative_slope)
+            _reduce(geo, x, grad_out, partials, aux, activation, negative_slope)
         else:
             partials.zero_()
         finalise_backward_kernel[(-(-channels // block_ch),)](
-            partials, geo.splits, mean, invstd, aux, grad_affine, coef,
+            partials, geo.splits, invstd, aux, grad_affine, coef,
             channels, float(geo.count),
             BATCH_STATS=use_batch_stats, BLOCK_CH=block_ch, BLOCK_SPLIT=block_split,
         )

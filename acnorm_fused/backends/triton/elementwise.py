@@ -1,10 +1,11 @@
-"""Elementwise passes over x: the forward apply ``y = act(x * scale + shift)``
-and the backward ``dx = scale * act'(pre) * dy + p * x + q``, one kernel per
-layout.
+"""Elementwise passes over x: the forward apply
+``y = act(pre)``, ``pre = (x - mean) * scale + B``, and the backward
+``dx = scale * act'(pre) * dy + p * (x - mean) + q``, one kernel per layout;
+``x - mean`` is computed as ``(x - hi) - lo`` (see :mod:`.finalize`).
 
 Programs run in reverse order of the reduction pass that precedes them, so
 the first tiles they touch are the last the reduction read, still in L2.
-``scale`` and ``shift`` are rows 0 and 1 of ``aux``; ``p`` and ``q`` (backward
+``scale`` and ``B`` are rows 0 and 1 of ``aux``; ``p`` and ``q`` (backward
 only) the rows of ``coef``.
 """
 
@@ -17,10 +18,11 @@ from .primitives import activate, activation_grad
 
 
 @triton.jit
-def _channel_affine(x, dy, scale, shift, p, q, slope, GRAD: tl.constexpr, ACT: tl.constexpr):
-    pre = x * scale + shift
+def _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD: tl.constexpr, ACT: tl.constexpr):
+    centred = (x - hi) - lo
+    pre = centred * scale + bias
     if GRAD:
-        return scale * activation_grad(dy, pre, slope, ACT) + p * x + q
+        return scale * activation_grad(dy, pre, slope, ACT) + p * centred + q
     else:
         return activate(pre, slope, ACT)
 
@@ -36,7 +38,9 @@ def elementwise_planar_kernel(
     block = pid - row * s_blocks
     channel = row % C
     scale = tl.load(aux_ptr + channel)
-    shift = tl.load(aux_ptr + C + channel)
+    bias = tl.load(aux_ptr + C + channel)
+    hi = tl.load(aux_ptr + 2 * C + channel)
+    lo = tl.load(aux_ptr + 3 * C + channel)
     positions = block * BLOCK + tl.arange(0, BLOCK)
     mask = positions < S
     offsets = row.to(tl.int64) * S + positions
@@ -48,8 +52,8 @@ def elementwise_planar_kernel(
     else:
         dy = x
         p = scale
-        q = shift
-    result = _channel_affine(x, dy, scale, shift, p, q, slope, GRAD, ACT)
+        q = bias
+    result = _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD, ACT)
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,7 +70,9 @@ def elementwise_interleaved_kernel(
     channel_mask = channels < C
     mask = (rows < R)[:, None] & channel_mask[None, :]
     scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    shift = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
+    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
+    hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)[None, :]
+    lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)[None, :]
     offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     if GRAD:
@@ -76,6 +82,6 @@ def elementwise_interleaved_kernel(
     else:
         dy = x
         p = scale
-        q = shift
-    result = _channel_affine(x, dy, scale, shift, p, q, slope, GRAD, ACT)
+        q = bias
+    result = _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD, ACT)
     tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)

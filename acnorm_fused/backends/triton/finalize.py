@@ -5,17 +5,20 @@ channels (Chan's formula, fixed order) or read the running statistics, move
 the running statistics, compute each channel's row of the correlation S from
 ``y_t[c]`` and all of ``y_s`` (no C x C matrix is stored), the effective
 affine ``W_c = gamma_t[c] + sum_j S[c, j] gamma_t[j]`` (``B_c`` alike), and the
-scale and shift of the apply pass.
+scale ``W_c * invstd_c`` of the apply pass.
 
 ``finalise_backward_kernel``: sum the gradient partials, giving ``dW``, ``dB``
-and the coefficients of ``dx = scale * dy + p * x + q``.
+and the coefficients of ``dx = scale * dy + p * (x - mean) + q``.
 
 ``target_grad_kernel``: ``(I + S)^T [dW; dB]``, one block of columns of S per
 program, S recomputed from the row normalisers the forward saved.
 
 The rows of ``aux`` (fp32, ``(AUX_ROWS, C)``), written by the forward and read
-by the backward: scale, shift, y_s, y_t, row maximum and row exponential sum of
-the softmax behind S.
+by the backward: scale, B, the mean as ``centre_hi + centre_lo`` (see
+:mod:`.reduce`), y_s, y_t, row maximum and row exponential sum of the softmax
+behind S. The passes over x compute ``((x - hi) - lo) * scale + B`` rather
+than ``x * scale + shift``: with a large mean and a small spread (CT
+intensities) the folded shift would cancel catastrophically in fp32.
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ import triton.language as tl
 
 from .primitives import affinity, affinity_logit, chan_merge, signature
 
-AUX_ROWS = 6
-AUX_SCALE, AUX_SHIFT, AUX_Y_SOURCE, AUX_Y_TARGET, AUX_ROW_MAX, AUX_ROW_SUM = range(AUX_ROWS)
+AUX_ROWS = 8
 
 
 @triton.jit
@@ -54,7 +56,7 @@ def _softmax_normalisers(y_target, affines_ptr, C, eps, temperature,
 
 @triton.jit
 def finalise_forward_kernel(
-    partials_ptr, num_splits, affines_ptr, running_mean_ptr, running_var_ptr,
+    partials_ptr, num_splits, x_ptr, pilot_stride, affines_ptr, running_mean_ptr, running_var_ptr,
     mean_ptr, invstd_ptr, new_mean_ptr, new_var_ptr, aux_ptr,
     C, count, momentum, eps, temperature,
     BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
@@ -70,7 +72,10 @@ def finalise_forward_kernel(
         part_n = tl.load(partials_ptr + offsets, mask=mask, other=0.0)
         part_mean = tl.load(partials_ptr + plane + offsets, mask=mask, other=0.0)
         part_m2 = tl.load(partials_ptr + 2 * plane + offsets, mask=mask, other=0.0)
-        _, mean, m2 = tl.reduce((part_n, part_mean, part_m2), 1, chan_merge)
+        _, centre_lo, m2 = tl.reduce((part_n, part_mean, part_m2), 1, chan_merge)
+        centre_hi = tl.load(x_ptr + channels.to(tl.int64) * pilot_stride, mask=channel_mask,
+                            other=0.0).to(tl.float32)
+        mean = centre_hi + centre_lo
         var = m2 / count
         if UPDATE_RUNNING:
             old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
@@ -81,6 +86,8 @@ def finalise_forward_kernel(
     else:
         mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
         var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
+        centre_hi = mean
+        centre_lo = tl.zeros([BLOCK_CH], tl.float32)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
@@ -106,18 +113,19 @@ def finalise_forward_kernel(
         beta_cols = tl.load(affines_ptr + 3 * C + cols, mask=col_mask, other=0.0)
         w_eff += tl.sum(s * gamma_cols[None, :], axis=1)
         b_eff += tl.sum(s * beta_cols[None, :], axis=1)
-    scale = w_eff * invstd
-    tl.store(aux_ptr + 0 * C + channels, scale, mask=channel_mask)
-    tl.store(aux_ptr + 1 * C + channels, b_eff - mean * scale, mask=channel_mask)
-    tl.store(aux_ptr + 2 * C + channels, y_source_own, mask=channel_mask)
-    tl.store(aux_ptr + 3 * C + channels, y_target, mask=channel_mask)
-    tl.store(aux_ptr + 4 * C + channels, row_max, mask=channel_mask)
-    tl.store(aux_ptr + 5 * C + channels, row_sum, mask=channel_mask)
+    tl.store(aux_ptr + 0 * C + channels, w_eff * invstd, mask=channel_mask)
+    tl.store(aux_ptr + 1 * C + channels, b_eff, mask=channel_mask)
+    tl.store(aux_ptr + 2 * C + channels, centre_hi, mask=channel_mask)
+    tl.store(aux_ptr + 3 * C + channels, centre_lo, mask=channel_mask)
+    tl.store(aux_ptr + 4 * C + channels, y_source_own, mask=channel_mask)
+    tl.store(aux_ptr + 5 * C + channels, y_target, mask=channel_mask)
+    tl.store(aux_ptr + 6 * C + channels, row_max, mask=channel_mask)
+    tl.store(aux_ptr + 7 * C + channels, row_sum, mask=channel_mask)
 
 
 @triton.jit
 def finalise_backward_kernel(
-    partials_ptr, num_splits, mean_ptr, invstd_ptr, aux_ptr, grad_affine_ptr, coef_ptr,
+    partials_ptr, num_splits, invstd_ptr, aux_ptr, grad_affine_ptr, coef_ptr,
     C, count,
     BATCH_STATS: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):
@@ -133,10 +141,9 @@ def finalise_backward_kernel(
     tl.store(grad_affine_ptr + C + channels, sum_dy, mask=channel_mask)
     if BATCH_STATS:
         # The batch statistics depend on x: dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
-        mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)
         scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
         p = -scale * invstd * invstd * sum_dy_xmu / count
-        q = -scale * sum_dy / count - p * mean
+        q = -scale * sum_dy / count
     else:
         p = tl.zeros([BLOCK_CH], tl.float32)
         q = tl.zeros([BLOCK_CH], tl.float32)
@@ -151,7 +158,7 @@ def target_grad_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < C
-    y_source = tl.load(aux_ptr + 2 * C + cols, mask=col_mask, other=0.0)
+    y_source = tl.load(aux_ptr + 4 * C + cols, mask=col_mask, other=0.0)
     grad_w = tl.load(grad_affine_ptr + cols, mask=col_mask, other=0.0)
     grad_b = tl.load(grad_affine_ptr + C + cols, mask=col_mask, other=0.0)
     acc_w = grad_w
@@ -159,10 +166,10 @@ def target_grad_kernel(
     for i in range(0, C, BLOCK_I):
         rows = i + tl.arange(0, BLOCK_I)
         row_mask = rows < C
-        y_source_own = tl.load(aux_ptr + 2 * C + rows, mask=row_mask, other=0.0)
-        y_target = tl.load(aux_ptr + 3 * C + rows, mask=row_mask, other=0.0)
-        row_max = tl.load(aux_ptr + 4 * C + rows, mask=row_mask, other=0.0)
-        row_sum = tl.load(aux_ptr + 5 * C + rows, mask=row_mask, other=1.0)
+        y_source_own = tl.load(aux_ptr + 4 * C + rows, mask=row_mask, other=0.0)
+        y_target = tl.load(aux_ptr + 5 * C + rows, mask=row_mask, other=0.0)
+        row_max = tl.load(aux_ptr + 6 * C + rows, mask=row_mask, other=0.0)
+        row_sum = tl.load(aux_ptr + 7 * C + rows, mask=row_mask, other=1.0)
         diagonal = affinity(y_target, y_source_own, row_max, row_sum, temperature)
         a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
         s = tl.where(row_mask[:, None] & col_mask[None, :] & (a >= diagonal[:, None]), a, 0.0)

@@ -8,7 +8,12 @@ channel in a fixed order, so results do not depend on scheduling. With
 ``GRAD`` false a program keeps per-lane Welford states (count, mean, M2) and
 merges its lanes with Chan's formula; with ``GRAD`` true it sums ``dy`` and
 ``dy * (x - mean)``, ``dy`` taken through the activation's derivative, whose
-mask is recomputed from x with the forward's scale and shift.
+mask is recomputed from x with the forward's scale and effective bias.
+
+The statistics accumulate ``x - K``, ``K`` the channel's first value: with a
+large mean and a small spread (CT intensities) every running mean of raw x
+would round at the scale of the mean, while ``x - K`` is exact and small.
+The mean then travels as ``K + m`` (aux rows ``centre_hi``, ``centre_lo``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from .primitives import activation_grad, chan_merge, welford_step
 
 @triton.jit
 def reduce_planar_kernel(
-    x_ptr, dy_ptr, partials_ptr, mean_ptr, scale_ptr, shift_ptr,
+    x_ptr, dy_ptr, partials_ptr, aux_ptr,
     N, C, S, n_chunk, s_chunk, slope,
     BLOCK: tl.constexpr, GRAD: tl.constexpr, ACT: tl.constexpr,
 ):
@@ -35,9 +40,12 @@ def reduce_planar_kernel(
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
     if GRAD:
-        mean = tl.load(mean_ptr + channel)
-        scale = tl.load(scale_ptr + channel)
-        shift = tl.load(shift_ptr + channel)
+        scale = tl.load(aux_ptr + channel)
+        bias = tl.load(aux_ptr + C + channel)
+        centre_hi = tl.load(aux_ptr + 2 * C + channel)
+        centre_lo = tl.load(aux_ptr + 3 * C + channel)
+    else:
+        pilot = tl.load(x_ptr + channel.to(tl.int64) * S).to(tl.float32)
     s_start = s_split * s_chunk
     s_end = tl.minimum(s_start + s_chunk, S)
     n_start = n_split * n_chunk
@@ -51,11 +59,12 @@ def reduce_planar_kernel(
             x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             if GRAD:
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                dy = activation_grad(dy, x * scale + shift, slope, ACT)
+                centred = (x - centre_hi) - centre_lo
+                dy = activation_grad(dy, centred * scale + bias, slope, ACT)
                 acc_a += dy
-                acc_b += dy * (x - mean)  # dy is 0 on masked lanes
+                acc_b += dy * centred  # dy is 0 on masked lanes
             else:
-                acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x, mask)
+                acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x - pilot, mask)
     out = partials_ptr + channel * num_splits + split
     plane = C * num_splits
     if GRAD:
@@ -70,7 +79,7 @@ def reduce_planar_kernel(
 
 @triton.jit
 def reduce_interleaved_kernel(
-    x_ptr, dy_ptr, partials_ptr, mean_ptr, scale_ptr, shift_ptr,
+    x_ptr, dy_ptr, partials_ptr, aux_ptr,
     R, C, r_chunk, slope,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, GRAD: tl.constexpr, ACT: tl.constexpr,
 ):
@@ -82,9 +91,12 @@ def reduce_interleaved_kernel(
     acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     if GRAD:
-        mean = tl.load(mean_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-        scale = tl.load(scale_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-        shift = tl.load(shift_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)[None, :]
+        bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
+        centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)[None, :]
+        centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)[None, :]
+    else:
+        pilot = tl.load(x_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
     r_start = split * r_chunk
     r_end = tl.minimum(r_start + r_chunk, R)
     for r in range(r_start, r_end, BLOCK_R):
@@ -94,11 +106,12 @@ def reduce_interleaved_kernel(
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if GRAD:
             dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            dy = activation_grad(dy, x * scale + shift, slope, ACT)
+            centred = (x - centre_hi) - centre_lo
+            dy = activation_grad(dy, centred * scale + bias, slope, ACT)
             acc_a += dy
-            acc_b += dy * (x - mean)  # dy is 0 on masked lanes
+            acc_b += dy * centred  # dy is 0 on masked lanes
         else:
-            acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x, mask)
+            acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x - pilot, mask)
     out = partials_ptr + channels * num_splits + split
     plane = C * num_splits
     if GRAD:

@@ -1,0 +1,294 @@
+"""The Triton kernels against the float64 reference.
+
+On a machine without a GPU the kernels run in triton's interpreter on CPU
+tensors (``TRITON_INTERPRET=1``, set by conftest); with a GPU the same tests
+run the compiled kernels on CUDA tensors. The ``small_tiles`` fixture shrinks
+the tiles so that tiny inputs still take several loop steps and several
+partial results per channel, as large inputs do.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import acnorm_fused as acn
+from acnorm_fused.backends import resolve_backend
+from acnorm_fused.backends.triton import launch
+from acnorm_fused.correlation import effective_affine
+from acnorm_fused.functional import effective_momentum
+
+from conftest import assert_close, make_affines, make_layer, random_input
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.interpret
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LAYER_CLASSES = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNorm3d}
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+@pytest.fixture(params=["one_tile", "small_tiles"])
+def tiles(request, monkeypatch):
+    """Default tiles, or tiles of 32 elements over a machine of 8 multiprocessors."""
+    if request.param == "small_tiles":
+        monkeypatch.setattr(launch, "_TILE", 32)
+        monkeypatch.setattr(launch, "_worker_count", lambda device: 8)
+    return request.param
+
+
+def _run(layer, backend, inputs, grads, dtype, memory_format, device):
+    """Train a copy of ``layer`` on ``inputs`` (one step each), then run it in eval
+    on the first input; return outputs, input and target gradients, the final
+    running statistics and the eval output and its input gradient."""
+    model = copy.deepcopy(layer).to(device)
+    model.backend = backend
+    steps = []
+    for x, g in zip(inputs, grads):
+        xi = x.to(device, dtype, copy=True).contiguous(memory_format=memory_format).requires_grad_()
+        out = model(xi)
+        assert out.dtype == dtype
+        assert out.is_contiguous(memory_format=memory_format)
+        out.backward(g.to(device, dtype).contiguous(memory_format=memory_format))
+        steps.append((out.detach(), xi.grad, model.weight_target.grad.clone(), model.bias_target.grad.clone()))
+        model.zero_grad()
+    model.eval()
+    xe = inputs[0].to(device, dtype, copy=True).contiguous(memory_format=memory_format).requires_grad_()
+    eval_out = model(xe)
+    eval_out.backward(grads[0].to(device, dtype).contiguous(memory_format=memory_format))
+    running = (model.running_mean.clone(), model.running_var.clone()) if model.running_mean is not None else ()
+    return steps, running, (eval_out.detach(), xe.grad)
+
+
+def _compare(layer, shape, dtype, memory_format=torch.contiguous_format, steps=2, mean=0.0, std=1.0):
+    inputs = [random_input(shape, 10 + k, dtype, mean=mean + k, std=std).double() for k in range(steps)]
+    grads = [random_input(shape, 20 + k, dtype).double() for k in range(steps)]
+    got = _run(layer, "triton", inputs, grads, dtype, memory_format, DEVICE)
+    expected = _run(copy.deepcopy(layer).double(), "reference", inputs, grads, torch.float64, torch.contiguous_format, "cpu")
+    for got_step, expected_step in zip(got[0], expected[0]):
+        out, grad_x, grad_w, grad_b = (t.cpu() for t in got_step)
+        assert_close(out, expected_step[0], dtype)
+        assert_close(grad_x, expected_step[1], dtype, 10)
+        # Sums over the whole batch: their error grows with the count.
+        assert_close(grad_w, expected_step[2], torch.float32 if dtype == torch.float32 else dtype, 100)
+        assert_close(grad_b, expected_step[3], torch.float32 if dtype == torch.float32 else dtype, 100)
+    for got_stat, expected_stat in zip(got[1], expected[1]):
+        assert_close(got_stat.cpu(), expected_stat, torch.float32, 10 if dtype == torch.float32 else 1000)
+    assert_close(got[2][0].cpu(), expected[2][0], dtype)
+    assert_close(got[2][1].cpu(), expected[2][1], dtype, 10)
+
+
+# Sizes that are multiples of no block, one value per channel and sample, and
+# (with small tiles) inputs that span several tiles and partial results.
+SHAPES = [(6, 3), (5, 4, 1), (2, 4, 7), (3, 5, 9, 7), (2, 3, 5, 6, 7), (1, 2, 3, 1, 5)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu"])
+def test_matches_reference_over_shapes(shape, activation, tiles):
+    layer = make_layer(LAYER_CLASSES[len(shape)], shape[1], seed=len(shape), activation=activation,
+                       negative_slope=0.2)
+    _compare(layer, shape, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (2, 3, 4, 5, 6)], ids=["4d", "5d"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_reference_over_dtypes_and_layouts(dtype, shape, layout, tiles):
+    memory_format = CHANNELS_LAST[len(shape)] if layout == "channels_last" else torch.contiguous_format
+    layer = make_layer(LAYER_CLASSES[len(shape)], shape[1], seed=3, activation="relu")
+    _compare(layer, shape, dtype, memory_format)
+
+
+def test_large_mean_small_spread():
+    """CT-like intensities: mean 1e3, std 1e-2. A sum of squares loses the
+    variance entirely in fp32; the merged Welford partials keep it."""
+    layer = make_layer(acn.ACNorm3d, 3, seed=5)
+    _compare(layer, (2, 3, 5, 6, 7), torch.float32, mean=1e3, std=1e-2, steps=1)
+
+
+def test_large_mean_small_spread_statistics(tiles):
+    x = random_input((3, 2, 9, 11), 6, mean=1e3, std=1e-2)
+    layer = make_layer(acn.ACNorm2d, 2, seed=6, backend="triton").to(DEVICE)
+    before = layer.running_var.clone()
+    layer(x.to(DEVICE))
+    batch_var = x.double().var((0, 2, 3), unbiased=True)
+    m = effective_momentum(0.1)
+    expected = (1 - m) * before.double().cpu() + m * batch_var
+    torch.testing.assert_close(layer.running_var.double().cpu(), expected, rtol=1e-4, atol=0)
+
+
+def test_constant_channel(tiles):
+    """A channel with zero variance normalises to zero: its output is the shift B."""
+    x = random_input((2, 3, 4, 5, 6), 7)
+    x[:, 1] = 3.25
+    layer = make_layer(acn.ACNorm3d, 3, seed=7)
+    _compare(layer, tuple(x.shape), torch.float32, steps=1)
+    model = copy.deepcopy(layer).to(DEVICE)
+    model.backend = "triton"
+    out = model(x.to(DEVICE)).cpu()
+    _, b_eff = effective_affine(layer.weight, layer.bias, layer.weight_target, layer.bias_target)
+    torch.testing.assert_close(out[:, 1], torch.full_like(out[:, 1], float(b_eff[1])), rtol=1e-6, atol=1e-6)
+
+
+def test_correlation_with_ties_matches_correlation_module():
+    """S from the kernels equals :func:`acnorm_fused.correlation.correlation`, ties
+    kept: duplicate source signatures, and a target signature equidistant from
+    two source signatures."""
+    weight = torch.tensor([1.0, 1.0, 1.0, 2.0, 1.0])
+    bias = torch.tensor([0.5, 0.5, 1.5, -1.0, 3.0])  # signatures 0.5, 0.5, 1.5, -0.5, 3.0
+    weight_target = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0])
+    bias_target = torch.tensor([1.0, 0.5, 0.0, 1.0, 2.0])  # 1.0 sits between 0.5 and 1.5
+    eps = 1e-5
+    layer = acn.ACNorm1d(5, eps=eps, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for name, value in zip(("weight", "bias", "weight_target", "bias_target"),
+                               (weight, bias, weight_target, bias_target)):
+            getattr(layer, name).copy_(value)
+        # Running statistics that make the eval normalisation the identity.
+        layer.running_mean.zero_()
+        layer.running_var.fill_(1.0 - eps)
+    layer.eval()
+    w_eff, b_eff = effective_affine(weight, bias, weight_target, bias_target, eps)
+    out = layer(torch.stack((torch.zeros(5), torch.ones(5))).to(DEVICE)).cpu()
+    torch.testing.assert_close(out[0], b_eff, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out[1] - out[0], w_eff, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.25, 1.0, 3.0])
+def test_effective_affine_over_many_channels(temperature):
+    """More channels than one correlation tile (64), several finalise programs."""
+    channels = 150
+    weight, bias, weight_target, bias_target = make_affines(channels, 8, spread=0.05)
+    layer = acn.ACNorm1d(channels, temperature=temperature, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        for name, value in zip(("weight", "bias", "weight_target", "bias_target"),
+                               (weight, bias, weight_target, bias_target)):
+            getattr(layer, name).copy_(value)
+        layer.running_mean.zero_()
+        layer.running_var.fill_(1.0 - layer.eps)
+    layer.eval()
+    x = torch.stack((torch.zeros(channels), torch.ones(channels))).to(DEVICE).requires_grad_()
+    out = layer(x)
+    g = random_input(out.shape, 9)
+    out.backward(g.to(DEVICE))
+    w = weight_target.clone().requires_grad_()
+    b = bias_target.clone().requires_grad_()
+    w_eff, b_eff = effective_affine(weight, bias, w, b, layer.eps, temperature)
+    torch.testing.assert_close(out.detach().cpu()[0], b_eff.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((out[1] - out[0]).detach().cpu(), w_eff.detach(), rtol=1e-5, atol=1e-6)
+    ((x.detach().cpu() * w_eff + b_eff) * g).sum().backward()
+    torch.testing.assert_close(layer.weight_target.grad.cpu(), w.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bias_target.grad.cpu(), b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("double_update,momentum", [(True, 0.1), (False, 0.3), (True, None)])
+def test_running_statistics_options(double_update, momentum):
+    layer = make_layer(acn.ACNorm2d, 3, seed=9, momentum=momentum, double_update=double_update)
+    _compare(layer, (2, 3, 5, 4), torch.float32, steps=3)
+
+
+def test_without_running_statistics():
+    """track_running_stats=False: batch statistics in eval too."""
+    layer = make_layer(acn.ACNorm3d, 3, seed=10, track_running_stats=False)
+    _compare(layer, (2, 3, 3, 4, 5), torch.float32)
+
+
+def test_non_contiguous_input_and_gradient_layouts():
+    layer = make_layer(acn.ACNorm2d, 3, seed=11, backend="triton").to(DEVICE)
+    reference = copy.deepcopy(layer).double().cpu()
+    reference.backend = "reference"
+    base = random_input((2, 6, 5, 9), 12)
+    g = random_input((2, 3, 5, 7), 13).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for model, dtype, device in ((layer, torch.float32, DEVICE), (reference, torch.float64, "cpu")):
+        leaf = base.to(device, dtype, copy=True).requires_grad_()
+        x = leaf[:, ::2, :, 1:8]  # strided: neither contiguous nor channels-last
+        out = model(x)
+        out.backward(g.to(device, dtype))  # a gradient in another layout than the output
+        grads.append((out.detach().cpu(), leaf.grad.cpu()))
+    assert_close(grads[0][0], grads[1][0], torch.float32)
+    assert_close(grads[0][1], grads[1][1], torch.float32, 10)
+
+
+def test_expanded_output_gradient():
+    """``out.sum().backward()`` hands the backward a stride-0 gradient."""
+    layer = make_layer(acn.ACNorm3d, 2, seed=14, activation="relu")
+    x = random_input((2, 2, 3, 4, 5), 15)
+    grads = {}
+    for backend, dtype, device in (("triton", torch.float32, DEVICE), ("reference", torch.float64, "cpu")):
+        model = copy.deepcopy(layer).to(device, dtype)
+        model.backend = backend
+        xi = x.to(device, dtype, copy=True).requires_grad_()
+        model(xi).sum().backward()
+        grads[backend] = (xi.grad.cpu(), model.weight_target.grad.cpu())
+    assert_close(grads["triton"][0], grads["reference"][0], torch.float32, 10)
+    assert_close(grads["triton"][1], grads["reference"][1], torch.float32, 10)
+
+
+def test_deterministic(tiles):
+    layer = make_layer(acn.ACNorm3d, 3, seed=16, backend="triton").to(DEVICE)
+    x = random_input((2, 3, 4, 6, 5), 17).to(DEVICE)
+    results = []
+    for _ in range(2):
+        model = copy.deepcopy(layer)
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(torch.ones_like(out) * torch.arange(out.numel(), device=DEVICE).view_as(out).sin())
+        results.append((out, xi.grad, model.weight_target.grad, model.running_var))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_auto_picks_triton_only_for_cuda_tensors():
+    x = torch.zeros(2, 3, 4)
+    assert resolve_backend("auto", x, "test") == "torch"
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", x.cuda(), "test") == "triton"
+        assert resolve_backend("auto", x.cuda().double(), "test") == "torch"
+
+
+def test_refuses_float64():
+    layer = make_layer(acn.ACNorm2d, 3, seed=18, dtype=torch.float64, backend="triton").to(DEVICE)
+    with pytest.raises(TypeError, match=r"ACNorm2d\(3\): backend 'triton' runs float32, float16 and bfloat16"):
+        layer(random_input((2, 3, 4, 4), 19, torch.float64).to(DEVICE))
+
+
+def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = make_layer(acn.ACNorm2d, 3, seed=20, backend="triton")
+    running_mean = layer.running_mean.clone()
+    with pytest.raises(RuntimeError, match=r"ACNorm2d\(3\): backend 'triton' runs CUDA tensors"):
+        layer(random_input((2, 3, 4, 4), 21))
+    assert torch.equal(layer.running_mean, running_mean)
+    assert int(layer.num_batches_tracked) == 0
+
+
+def test_opcheck():
+    channels = 3
+    w, b, wt, bt = (t.to(DEVICE) for t in make_affines(channels, 22))
+    wt.requires_grad_(True)
+    bt.requires_grad_(True)
+    x = random_input((2, channels, 3, 5), 23).to(DEVICE).requires_grad_()
+    rm = torch.zeros(channels, device=DEVICE)
+    rv = torch.ones(channels, device=DEVICE)
+    args = (x, w, b, wt, bt, rm, rv, True, 0.19, 1e-5, 0.7, "leaky_relu", 0.1, "triton", "test")
+    torch.library.opcheck(torch.ops.acnorm_fused.ac_norm_fwd.default, args)
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+    layer = make_layer(acn.ACNorm3d, 3, seed=24, backend="triton", activation="relu").to(DEVICE)
+    compiled_layer = copy.deepcopy(layer)
+    compiled = torch.compile(compiled_layer, fullgraph=True, backend="aot_eager")
+    x = random_input((2, 3, 4, 3, 5), 25).to(DEVICE)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_e, out_c = layer(xe), compiled(xc)
+    torch.testing.assert_close(out_c, out_e)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(compiled_layer.weight_target.grad, layer.weight_target.grad)
+    torch.testing.assert_close(compiled_layer.running_mean, layer.running_mean)
