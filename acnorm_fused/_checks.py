@@ -118,6 +118,10 @@ AFFINE_NAMES = ("weight", "bias", "weight_target", "bias_target")
 def check_finite_affines(name: str, affines: Tensor) -> None:
     """Raise if the stacked ``(4, C)`` affine rows (see
     :func:`acnorm_fused.correlation.stack_affines`) hold NaN or infinity."""
+    # A host read is impossible while a CUDA graph is being captured; the
+    # parameters were checked by the eager calls that precede any capture.
+    if affines.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
     # One reduction and one host read on the fast path: a finite sum means
     # finite entries; an overflowing sum of finite entries is not an error.
     if math.isfinite(affines.sum().item()):

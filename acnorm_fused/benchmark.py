@@ -5,13 +5,20 @@ the reference backend (the authors' two-BatchNorm formulation), the fused
 path that ``backend="auto"`` picks for the device, and ``nn.BatchNorm3d``.
 They are timed interleaved, so that drift of the machine hits all three
 alike, and the table reports the ratios that the project's speed bars use.
+
+On a CUDA device the table adds ``torch.compile`` of the reference, times the
+forward alone as well, uses ``triton.testing.do_bench`` (L2 flushed before
+every run; CUDA graphs for launch-bound shapes) and reports the bandwidth the
+fused step reaches against a device-to-device copy measured in the same run.
 This module backs ``acnorm bench`` and the pytest-benchmark suite.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
+import math
 import json
 import platform
 import statistics
@@ -47,6 +54,13 @@ CPU_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32), (2, 64, 16, 16, 16), (2, 1
 CPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32),)
 
 IMPLEMENTATIONS = ("reference", "acnorm", "batchnorm")
+# Inputs up to this many elements make a launch-bound step on a GPU: they are
+# timed as CUDA graphs, so that Python and launch overheads do not hide the kernels.
+GRAPH_MAX_NUMEL = 1 << 22
+# Fewest bytes a multi-pass fused training step moves per element of x, in
+# units of the element size: the forward reads x twice and writes y (3); the
+# backward reads x and dy for the sums, again for dx, and writes dx (5).
+MIN_STEP_TRAFFIC = 3 + 5
 
 
 @dataclass(frozen=True)
@@ -69,17 +83,33 @@ class Result:
     backend: str
     samples_ms: dict[str, list[float]] = field(default_factory=dict)
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    # GPU only: forward-only samples, the copy time of x, and the timer used.
+    forward_samples_ms: dict[str, list[float]] = field(default_factory=dict)
+    copy_ms: float | None = None
+    timer: str = "wall clock"
 
     @property
     def times_ms(self) -> dict[str, float]:
         """Median step time of each layer."""
         return {name: statistics.median(values) for name, values in self.samples_ms.items()}
 
-    def ratio(self, numerator: str, denominator: str) -> float:
+    def ratio(self, numerator: str, denominator: str, forward: bool = False) -> float:
         """Median over rounds of the time ratio of two layers timed in the same round,
-        which cancels the drift of a shared machine better than a ratio of medians."""
-        pairs = zip(self.samples_ms[numerator], self.samples_ms[denominator])
+        which cancels the drift of a shared machine better than a ratio of medians.
+        NaN when either layer was not timed."""
+        samples = self.forward_samples_ms if forward else self.samples_ms
+        if numerator not in samples or denominator not in samples:
+            return float("nan")
+        pairs = zip(samples[numerator], samples[denominator])
         return statistics.median(a / b for a, b in pairs)
+
+    @property
+    def copy_bandwidth_fraction(self) -> float:
+        """Bytes of the minimal fused step over its time, against the copy bandwidth."""
+        if self.copy_ms is None or "acnorm" not in self.samples_ms:
+            return float("nan")
+        # A copy moves 2 bytes per element and byte of element size.
+        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.times_ms["acnorm"]
 
     @property
     def reference_over_acnorm(self) -> float:
@@ -215,7 +245,7 @@ def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
 
 
 def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Result:
-    """Benchmark the three layers on one case."""
+    """Benchmark the three layers on one case (wall clock, for CPUs)."""
     x, grad = make_input(case, device)
     layers = make_layers(case.shape[1], device)
     steps = {name: (lambda layer=layer: training_step(layer, x, grad)) for name, layer in layers.items()}
@@ -225,17 +255,88 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Res
     return result
 
 
+def _captures(step: Callable[[], None]) -> bool:
+    """Whether ``step`` can be captured into a CUDA graph (and run from it)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    try:
+        with torch.cuda.stream(stream):
+            step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+        graph.replay()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        return True
+    except Exception:  # noqa: BLE001 - any capture failure means "time it eagerly"
+        torch.cuda.synchronize()
+        return False
+
+
+def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, compile_reference: bool) -> Result:
+    """Benchmark the layers on one case on a CUDA device, forward and forward+backward.
+
+    Each round times every layer once with ``triton.testing.do_bench`` (the L2
+    cache flushed before each run), or, for launch-bound inputs that capture
+    cleanly, ``do_bench_cudagraph``.
+    """
+    import triton.testing
+
+    x, grad = make_input(case, device)
+    layers = make_layers(case.shape[1], device)
+    if compile_reference:
+        compiled = copy.deepcopy(layers["reference"])
+        layers["compiled"] = torch.compile(compiled, dynamic=True)
+    steps = {name: (lambda layer=layer: training_step(layer, x, grad)) for name, layer in layers.items()}
+    forwards = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
+    for fn in (*steps.values(), *forwards.values()):
+        fn()  # compile, warm caches
+    graph = x.numel() <= GRAPH_MAX_NUMEL and all(_captures(fn) for fn in (*steps.values(), *forwards.values()))
+    if graph:
+        def timer(fn):
+            # do_bench_cudagraph replays its graph of ``rep`` ms ten times.
+            return triton.testing.do_bench_cudagraph(fn, rep=max(rep_ms // 5, 5), return_mode="median")
+    else:
+        def timer(fn):
+            return triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
+
+    result = Result(case, backend=resolve_backend("auto", x, "acnorm bench"),
+                    timer="do_bench_cudagraph" if graph else "do_bench, L2 flushed")
+    result.samples_ms = {name: [] for name in steps}
+    result.forward_samples_ms = {name: [] for name in forwards}
+    for _ in range(rounds):
+        for name in steps:
+            result.samples_ms[name].append(timer(steps[name]))
+            result.forward_samples_ms[name].append(timer(forwards[name]))
+    target = torch.empty_like(x)
+    result.copy_ms = triton.testing.do_bench(lambda: target.copy_(x), warmup=max(rep_ms // 4, 1), rep=rep_ms,
+                                             return_mode="median")
+    result.peak_bytes = {name: peak_step_memory(steps[name], device) for name in IMPLEMENTATIONS}
+    return result
+
+
 def run(
     cases: Sequence[Case],
     device: torch.device,
     repeats: int = 20,
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
+    compile_reference: bool = True,
 ) -> list[Result]:
-    """Benchmark every case, reporting each finished row through ``progress``."""
+    """Benchmark every case, reporting each finished row through ``progress``.
+
+    On a CPU, ``repeats`` interleaved wall-clock steps after ``warmup`` ones; on
+    a CUDA device, ``max(repeats // 5, 1)`` rounds of ``do_bench`` runs of
+    ``10 * repeats`` ms each, with ``torch.compile`` of the reference when
+    ``compile_reference``.
+    """
     results = []
     for index, case in enumerate(cases, 1):
-        result = run_case(case, device, repeats, warmup)
+        if device.type == "cuda":
+            result = run_case_cuda(case, device, max(repeats // 5, 1), 10 * repeats, compile_reference)
+        else:
+            result = run_case(case, device, repeats, warmup)
         results.append(result)
         if progress is not None:
             progress(
@@ -260,11 +361,8 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def to_markdown(results: Sequence[Result], machine: str) -> str:
-    """The results as a Markdown table with the machine named."""
+def _cpu_table(results: Sequence[Result]) -> list[str]:
     lines = [
-        f"Machine: {machine}",
-        "",
         "One training step (forward + backward). `reference`: the authors' two-BatchNorm "
         "formulation; `acnorm`: acnorm_fused with backend=auto; `bn`: nn.BatchNorm3d. "
         "Times are medians in ms; memory is the peak allocated during the step.",
@@ -281,7 +379,75 @@ def to_markdown(results: Sequence[Result], machine: str) -> str:
             f"| {r.reference_over_acnorm:.2f} | {r.acnorm_over_batchnorm:.2f} "
             f"| {r.memory_acnorm_over_batchnorm:.3f} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _ms(samples: dict[str, list[float]], name: str) -> str:
+    return f"{statistics.median(samples[name]):.3f}" if name in samples else "-"
+
+
+def _gpu_table(results: Sequence[Result]) -> list[str]:
+    lines = [
+        "Forward (fwd) and one training step (step = forward + backward) of: `ref`, the "
+        "authors' two-BatchNorm formulation; `compiled`, torch.compile of it; `acnorm`, "
+        "acnorm_fused with backend=auto; `bn`, nn.BatchNorm3d. Times are medians in ms "
+        "(timer per row: do_bench with the L2 flushed, or do_bench_cudagraph for "
+        "launch-bound inputs). `% copy bw`: the bytes of a minimal fused step "
+        f"({MIN_STEP_TRAFFIC} per element and byte of element size) over its time, against "
+        "a device-to-device copy of x timed in the same run. Memory: peak allocated "
+        "during the step.",
+        "",
+        "| shape | dtype | layout | backend | timer | fwd ref | fwd compiled | fwd acnorm | fwd bn "
+        "| step ref | step compiled | step acnorm | step bn | ref / acnorm | compiled / acnorm "
+        "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn |",
+        "|---|---|---|---|---|" + "---:|" * 15,
+    ]
+    for r in results:
+        f, t = r.forward_samples_ms, r.samples_ms
+        lines.append(
+            f"| {'x'.join(map(str, r.case.shape))} | {r.case.dtype} | {r.case.layout} | {r.backend} "
+            f"| {r.timer} | {_ms(f, 'reference')} | {_ms(f, 'compiled')} | {_ms(f, 'acnorm')} "
+            f"| {_ms(f, 'batchnorm')} | {_ms(t, 'reference')} | {_ms(t, 'compiled')} "
+            f"| {_ms(t, 'acnorm')} | {_ms(t, 'batchnorm')} | {r.reference_over_acnorm:.2f} "
+            f"| {r.ratio('compiled', 'acnorm'):.2f} | {r.acnorm_over_batchnorm:.2f} "
+            f"| {r.ratio('acnorm', 'batchnorm', forward=True):.2f} "
+            f"| {100 * r.copy_bandwidth_fraction:.0f} | {r.memory_acnorm_over_batchnorm:.3f} |"
+        )
+    return lines
+
+
+def to_markdown(results: Sequence[Result], machine: str) -> str:
+    """The results as a Markdown table with the machine named."""
+    on_gpu = any(r.forward_samples_ms for r in results)
+    table = _gpu_table(results) if on_gpu else _cpu_table(results)
+    return "\n".join([f"Machine: {machine}", "", *table]) + "\n"
+
+
+def write_plot(results: Sequence[Result], path: Path) -> bool:
+    """A bar chart of step time per case and layer, as PNG; False when matplotlib
+    is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = [n for n in ("reference", "compiled", "acnorm", "batchnorm") if any(n in r.samples_ms for r in results)]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(results)), 4.0))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        heights = [statistics.median(r.samples_ms[name]) if name in r.samples_ms else math.nan for r in results]
+        ax.bar([i + k * width for i in range(len(results))], heights, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
+    ax.set_xticklabels([r.case.label() for r in results], rotation=60, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("forward + backward, ms")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def to_json(results: Sequence[Result], machine: str) -> str:
@@ -295,5 +461,11 @@ def to_json(results: Sequence[Result], machine: str) -> str:
             "acnorm_over_batchnorm": r.acnorm_over_batchnorm,
             "peak_memory_acnorm_over_batchnorm": r.memory_acnorm_over_batchnorm,
         }
+        if r.forward_samples_ms:
+            row["ratios"].update(
+                compiled_over_acnorm=r.ratio("compiled", "acnorm"),
+                forward_acnorm_over_batchnorm=r.ratio("acnorm", "batchnorm", forward=True),
+                copy_bandwidth_fraction=r.copy_bandwidth_fraction,
+            )
         rows.append(row)
     return json.dumps({"machine": machine, "python": sys.version.split()[0], "results": rows}, indent=2)

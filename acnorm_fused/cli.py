@@ -91,6 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = benchmark.run(
         cases, device, repeats=args.repeats, warmup=args.warmup,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
+        compile_reference=not args.no_compile,
     )
     table = benchmark.to_markdown(results, machine)
     print(table)
@@ -99,6 +100,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         (args.out / "bench.md").write_text(table)
         (args.out / "bench.json").write_text(benchmark.to_json(results, machine))
         print(f"acnorm bench: wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}", file=sys.stderr)
+        if benchmark.write_plot(results, args.out / "bench.png"):
+            print(f"acnorm bench: wrote {args.out / 'bench.png'}", file=sys.stderr)
+        else:
+            print("acnorm bench: no plot (matplotlib is not installed)", file=sys.stderr)
     return 0
 
 
@@ -126,8 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--layouts", nargs="+", default=["contiguous", "channels_last"],
         choices=["contiguous", "channels_last"],
     )
-    bench.add_argument("--repeats", type=_positive_int, default=20, help="timed steps per layer (median)")
-    bench.add_argument("--warmup", type=_non_negative_int, default=3, help="untimed steps per layer first")
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=20,
+        help="CPU: timed steps per layer (median); CUDA: repeats // 5 rounds of 10 * repeats ms",
+    )
+    bench.add_argument("--warmup", type=_non_negative_int, default=3, help="CPU: untimed steps per layer first")
+    bench.add_argument(
+        "--no-compile", action="store_true", help="CUDA: leave out torch.compile of the reference",
+    )
     bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
     bench.add_argument(
         "--system-malloc", action="store_true",

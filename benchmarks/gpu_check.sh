@@ -41,12 +41,15 @@ run 30 "nvcc" nvcc --version
 
 # No network here: install without build isolation or dependencies; fall back
 # to the source tree on the path if even that is impossible.
-run 240 "install (CUDA extension built when csrc/ has sources)" \
+run 90 "install (CUDA extension built when csrc/ has sources)" \
   env ACNORM_BUILD_CUDA=auto "$PY" -m pip install --no-build-isolation --no-deps -e .
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 run 30 "acnorm info" "$PY" -m acnorm_fused.cli info
-run 180 "GPU tests" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-run 300 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 20 --warmup 3 --out "$OUT"
+# Most important first: correctness on the benchmark shapes, then the table,
+# then the kernel test grid (compiled for the GPU this time, not interpreted).
+run 120 "GPU tests" "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+run 240 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 10 --out "$OUT"
+run 100 "kernel tests on the GPU" "$PY" -m pytest -m interpret -q -x -p no:cacheprovider tests
 
 echo "report: $REPORT"

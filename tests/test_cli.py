@@ -53,3 +53,23 @@ def test_default_cases_cover_both_dtypes_and_layouts():
     assert benchmark.Case((2, 32, 32, 32, 32)) in cases, "the CPU bar's shape"
     gpu = benchmark.default_cases(torch.device("cuda"))
     assert benchmark.Case((2, 32, 128, 128, 128), "bfloat16", "channels_last") in gpu
+
+
+def test_gpu_table_reports_the_bars_from_paired_samples():
+    """The GPU table's ratios, from hand-made samples of two rounds."""
+    result = benchmark.Result(benchmark.Case((2, 32, 8, 8, 8), "bfloat16"), backend="triton",
+                              timer="do_bench, L2 flushed")
+    result.samples_ms = {"reference": [3.0, 6.0], "compiled": [1.5, 3.0], "acnorm": [1.0, 2.0],
+                         "batchnorm": [2.0, 4.0]}
+    result.forward_samples_ms = {"reference": [1.0, 1.0], "acnorm": [0.25, 0.25], "batchnorm": [1.0, 1.0]}
+    result.copy_ms = 0.375  # 2 bytes per element in 0.375 ms; a minimal step moves 8 in 1.5 ms
+    result.peak_bytes = {"acnorm": 100, "batchnorm": 100}
+    table = benchmark.to_markdown([result], "a GPU")
+    row = next(line for line in table.splitlines() if line.startswith("| 2x32x8x8x8"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "do_bench, L2 flushed"
+    assert cells[6] == "-", "a layer that was not timed shows a dash"
+    assert cells[13:] == ["3.00", "1.50", "0.50", "0.25", "100", "1.000"]
+    data = json.loads(benchmark.to_json([result], "a GPU"))["results"][0]["ratios"]
+    assert data["compiled_over_acnorm"] == pytest.approx(1.5)
+    assert data["copy_bandwidth_fraction"] == pytest.approx(1.0)
