@@ -58,13 +58,13 @@ def _reduce(geo: Geometry, x: Tensor, dy: Tensor | None, partials: Tensor,
         reduce_planar_kernel[geo.reduce_grid()](
             x, dy, partials, aux,
             geo.n, geo.c, geo.s, geo.n_chunk, geo.s_chunk, slope,
-            BLOCK=geo.block, GRAD=grad, ACT=act, num_warps=geo.num_warps,
+            BLOCK=geo.reduce_block, GRAD=grad, ACT=act, num_warps=geo.num_warps,
         )
     else:
         reduce_interleaved_kernel[geo.reduce_grid()](
             x, dy, partials, aux,
             geo.rows, geo.c, geo.r_chunk, slope,
-            BLOCK_R=geo.block_r, BLOCK_C=geo.block_c, GRAD=grad, ACT=act, num_warps=geo.num_warps,
+            BLOCK_R=geo.reduce_block_r, BLOCK_C=geo.block_c, GRAD=grad, ACT=act, num_warps=geo.num_warps,
         )
 
 

