@@ -34,9 +34,6 @@ from .launch import CORRELATION_BLOCK, Geometry, geometry
 from .primitives import ACTIVATION_CODES
 from .reduce import reduce_interleaved_kernel, reduce_planar_kernel
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def _on_device(x: Tensor):
     """Launch on ``x``'s GPU, whichever device is current."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

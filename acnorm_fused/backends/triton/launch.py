@@ -81,7 +81,7 @@ class Geometry:
 
     @property
     def reduce_block_r(self) -> int:
-        return self.block_r // 2 if self.block_r * self.block_c >= 2 * 16 else self.block_r
+        return max(1, self.block_r // 2)
 
     @property
     def rows(self) -> int:
@@ -90,8 +90,8 @@ class Geometry:
 
     @property
     def count(self) -> int:
-        """Values per channel."""
-        return self.n * self.s
+        """Values per channel (as many as rows)."""
+        return self.rows
 
     @property
     def splits(self) -> int:
