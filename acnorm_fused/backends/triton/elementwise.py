@@ -18,13 +18,25 @@ from .primitives import activate, activation_grad
 
 
 @triton.jit
-def _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD: tl.constexpr, ACT: tl.constexpr):
+def _apply_tile(x_ptr, dy_ptr, out_ptr, aux_ptr, coef_ptr, offsets, mask, channels, channel_mask, C, slope,
+                GRAD: tl.constexpr, ACT: tl.constexpr):
+    """One tile of either pass; ``channels`` (a scalar or a vector) index the
+    per-channel rows and broadcast against the tile."""
+    scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
+    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
+    hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
+    lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     centred = (x - hi) - lo
     pre = centred * scale + bias
     if GRAD:
-        return scale * activation_grad(dy, pre, slope, ACT) + p * centred + q
+        p = tl.load(coef_ptr + channels, mask=channel_mask, other=0.0)
+        q = tl.load(coef_ptr + C + channels, mask=channel_mask, other=0.0)
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        result = scale * activation_grad(dy, pre, slope, ACT) + p * centred + q
     else:
-        return activate(pre, slope, ACT)
+        result = activate(pre, slope, ACT)
+    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -37,24 +49,9 @@ def elementwise_planar_kernel(
     row = pid // s_blocks  # n * C + channel
     block = pid - row * s_blocks
     channel = row % C
-    scale = tl.load(aux_ptr + channel)
-    bias = tl.load(aux_ptr + C + channel)
-    hi = tl.load(aux_ptr + 2 * C + channel)
-    lo = tl.load(aux_ptr + 3 * C + channel)
     positions = block * BLOCK + tl.arange(0, BLOCK)
-    mask = positions < S
-    offsets = row.to(tl.int64) * S + positions
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if GRAD:
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(coef_ptr + channel)
-        q = tl.load(coef_ptr + C + channel)
-    else:
-        dy = x
-        p = scale
-        q = bias
-    result = _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD, ACT)
-    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    _apply_tile(x_ptr, dy_ptr, out_ptr, aux_ptr, coef_ptr, row.to(tl.int64) * S + positions,
+                positions < S, channel, channel < C, C, slope, GRAD, ACT)
 
 
 @triton.jit
@@ -68,20 +65,7 @@ def elementwise_interleaved_kernel(
     channels = (pid - row_block * c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     channel_mask = channels < C
-    mask = (rows < R)[:, None] & channel_mask[None, :]
-    scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
-    hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)[None, :]
-    lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)[None, :]
-    offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if GRAD:
-        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        p = tl.load(coef_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-        q = tl.load(coef_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
-    else:
-        dy = x
-        p = scale
-        q = bias
-    result = _channel_affine(x, dy, hi, lo, scale, bias, p, q, slope, GRAD, ACT)
-    tl.store(out_ptr + offsets, result.to(out_ptr.dtype.element_ty), mask=mask)
+    _apply_tile(x_ptr, dy_ptr, out_ptr, aux_ptr, coef_ptr,
+                rows.to(tl.int64)[:, None] * C + channels[None, :],
+                (rows < R)[:, None] & channel_mask[None, :],
+                channels, channel_mask, C, slope, GRAD, ACT)

@@ -25,6 +25,48 @@ from .primitives import activation_grad, chan_merge, welford_step
 
 
 @triton.jit
+def _channel_constants(x_ptr, aux_ptr, channels, pilot_offsets, C, channel_mask):
+    """The per-channel values of a pass: the centring pilot ``K`` (statistics) and
+    scale, bias and centre from ``aux`` (gradient sums; not yet written, and
+    not used, in the statistics pass)."""
+    pilot = tl.load(x_ptr + pilot_offsets, mask=channel_mask, other=0.0).to(tl.float32)
+    scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
+    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
+    centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
+    centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    return pilot, scale, bias, centre_hi, centre_lo
+
+
+@triton.jit
+def _accumulate(acc_n, acc_a, acc_b, x_ptr, dy_ptr, offsets, mask,
+                pilot, scale, bias, centre_hi, centre_lo, slope, GRAD: tl.constexpr, ACT: tl.constexpr):
+    """Add one tile to the per-lane accumulators."""
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if GRAD:
+        dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        centred = (x - centre_hi) - centre_lo
+        dy = activation_grad(dy, centred * scale + bias, slope, ACT)
+        acc_a += dy
+        acc_b += dy * centred  # dy is 0 on masked lanes
+    else:
+        acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x - pilot, mask)
+    return acc_n, acc_a, acc_b
+
+
+@triton.jit
+def _store_partials(out_ptr, plane, acc_n, acc_a, acc_b, mask, GRAD: tl.constexpr):
+    """Reduce the lanes (axis 0) and store one partial result per channel."""
+    if GRAD:
+        tl.store(out_ptr, tl.sum(acc_a, axis=0), mask=mask)
+        tl.store(out_ptr + plane, tl.sum(acc_b, axis=0), mask=mask)
+    else:
+        count, mean, m2 = tl.reduce((acc_n, acc_a, acc_b), 0, chan_merge)
+        tl.store(out_ptr, count, mask=mask)
+        tl.store(out_ptr + plane, mean, mask=mask)
+        tl.store(out_ptr + 2 * plane, m2, mask=mask)
+
+
+@triton.jit
 def reduce_planar_kernel(
     x_ptr, dy_ptr, partials_ptr, aux_ptr,
     N, C, S, n_chunk, s_chunk, slope,
@@ -39,13 +81,8 @@ def reduce_planar_kernel(
     acc_n = tl.zeros([BLOCK], tl.float32)
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
-    if GRAD:
-        scale = tl.load(aux_ptr + channel)
-        bias = tl.load(aux_ptr + C + channel)
-        centre_hi = tl.load(aux_ptr + 2 * C + channel)
-        centre_lo = tl.load(aux_ptr + 3 * C + channel)
-    else:
-        pilot = tl.load(x_ptr + channel.to(tl.int64) * S).to(tl.float32)
+    pilot, scale, bias, centre_hi, centre_lo = _channel_constants(
+        x_ptr, aux_ptr, channel, channel.to(tl.int64) * S, C, channel < C)
     s_start = s_split * s_chunk
     s_end = tl.minimum(s_start + s_chunk, S)
     n_start = n_split * n_chunk
@@ -54,27 +91,11 @@ def reduce_planar_kernel(
         row_start = (n * C + channel).to(tl.int64) * S
         # Chunks are whole blocks except at S, so ``< S`` is the only bound.
         for s in range(s_start, s_end, BLOCK):
-            offsets = row_start + s + lanes
-            mask = s + lanes < S
-            x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            if GRAD:
-                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                centred = (x - centre_hi) - centre_lo
-                dy = activation_grad(dy, centred * scale + bias, slope, ACT)
-                acc_a += dy
-                acc_b += dy * centred  # dy is 0 on masked lanes
-            else:
-                acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x - pilot, mask)
-    out = partials_ptr + channel * num_splits + split
-    plane = C * num_splits
-    if GRAD:
-        tl.store(out, tl.sum(acc_a, axis=0))
-        tl.store(out + plane, tl.sum(acc_b, axis=0))
-    else:
-        count, mean, m2 = tl.reduce((acc_n, acc_a, acc_b), 0, chan_merge)
-        tl.store(out, count)
-        tl.store(out + plane, mean)
-        tl.store(out + 2 * plane, m2)
+            acc_n, acc_a, acc_b = _accumulate(
+                acc_n, acc_a, acc_b, x_ptr, dy_ptr, row_start + s + lanes, s + lanes < S,
+                pilot, scale, bias, centre_hi, centre_lo, slope, GRAD, ACT)
+    _store_partials(partials_ptr + channel * num_splits + split, C * num_splits,
+                    acc_n, acc_a, acc_b, channel < C, GRAD)
 
 
 @triton.jit
@@ -90,35 +111,17 @@ def reduce_interleaved_kernel(
     acc_n = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc_a = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
-    if GRAD:
-        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)[None, :]
-        bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)[None, :]
-        centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)[None, :]
-        centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)[None, :]
-    else:
-        pilot = tl.load(x_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)[None, :]
+    # Row 0 holds every channel's first value.
+    pilot, scale, bias, centre_hi, centre_lo = _channel_constants(
+        x_ptr, aux_ptr, channels, channels, C, channel_mask)
     r_start = split * r_chunk
     r_end = tl.minimum(r_start + r_chunk, R)
     for r in range(r_start, r_end, BLOCK_R):
         rows = r + tl.arange(0, BLOCK_R)
-        mask = (rows < R)[:, None] & channel_mask[None, :]
-        offsets = rows.to(tl.int64)[:, None] * C + channels[None, :]
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if GRAD:
-            dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            centred = (x - centre_hi) - centre_lo
-            dy = activation_grad(dy, centred * scale + bias, slope, ACT)
-            acc_a += dy
-            acc_b += dy * centred  # dy is 0 on masked lanes
-        else:
-            acc_n, acc_a, acc_b = welford_step(acc_n, acc_a, acc_b, x - pilot, mask)
-    out = partials_ptr + channels * num_splits + split
-    plane = C * num_splits
-    if GRAD:
-        tl.store(out, tl.sum(acc_a, axis=0), mask=channel_mask)
-        tl.store(out + plane, tl.sum(acc_b, axis=0), mask=channel_mask)
-    else:
-        count, mean, m2 = tl.reduce((acc_n, acc_a, acc_b), 0, chan_merge)
-        tl.store(out, count, mask=channel_mask)
-        tl.store(out + plane, mean, mask=channel_mask)
-        tl.store(out + 2 * plane, m2, mask=channel_mask)
+        acc_n, acc_a, acc_b = _accumulate(
+            acc_n, acc_a, acc_b, x_ptr, dy_ptr,
+            rows.to(tl.int64)[:, None] * C + channels[None, :],
+            (rows < R)[:, None] & channel_mask[None, :],
+            pilot, scale, bias, centre_hi, centre_lo, slope, GRAD, ACT)
+    _store_partials(partials_ptr + channels * num_splits + split, C * num_splits,
+                    acc_n, acc_a, acc_b, channel_mask, GRAD)
