@@ -117,6 +117,14 @@ def test_matches_reference_over_dtypes_and_layouts(dtype, shape, layout, monkeyp
     _compare(layer, shape, dtype, memory_format)
 
 
+def test_more_channels_than_one_block():
+    """70 channels, channels-last: several channel blocks in the interleaved
+    kernels and several finalise programs. (Planar programs each take one
+    channel whatever the count.)"""
+    layer = make_layer(acn.ACNorm2d, 70, seed=4, activation="leaky_relu")
+    _compare(layer, (2, 70, 3, 4), torch.float32, torch.channels_last)
+
+
 def test_large_mean_small_spread():
     """CT-like intensities: mean 1e3, std 1e-2. A sum of squares loses the
     variance entirely in fp32; the merged Welford partials keep it."""
