@@ -7,12 +7,18 @@ kernels (and its own statistics pass where ATen's is slow, see below), so it
 costs one BatchNorm plus a C x C step. It is the default on CPUs and the model
 the fused GPU backends follow.
 
-Both functions are the implementations behind the custom ops in
+``forward`` and ``backward`` are the implementations behind the custom ops in
 :mod:`acnorm_fused.ops`; they never run under autograd. ``affines`` are the
 ``(4, C)`` rows of :func:`acnorm_fused.correlation.stack_affines`. The forward
 keeps ``S`` and the effective affine for the backward (``aux``, ``(C + 2, C)``):
 on a CPU each call on these tiny tensors costs more than its arithmetic, so
 computing them once per step matters, and they are only C x C.
+
+``local_statistics``, ``forward_with_statistics``, ``grad_sums`` and
+``backward_with_sums`` are the same operation in steps, for statistics shared
+between processes (:mod:`acnorm_fused.distributed`): the local moments, the
+forward with given statistics, the local gradient sums, and the backward with
+the summed ones.
 """
 
 from __future__ import annotations
@@ -21,11 +27,16 @@ import torch
 from torch import Tensor
 
 from ..correlation import as_dtype, compute_dtype, correlation_from_stack, recalibrate, recalibrate_grad
+from ..statistics import MOMENT_ROWS
 from .activation import activation_grad, apply_activation
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view((1, -1) + (1,) * (ndim - 2))
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
 
 
 # On a contiguous (N, C, *spatial) CPU input, ATen's training-mode BatchNorm
@@ -73,6 +84,29 @@ def _train_forward_own_reductions(
     return out, mean, var, invstd
 
 
+def _effective_affine(affines: Tensor, eps: float, temperature: float, dtype: torch.dtype):
+    """``(aux, W, B)``: S with the effective affine as two more rows, and W, B in ``dtype``."""
+    s = correlation_from_stack(affines, eps, temperature)
+    aux = torch.cat((s, recalibrate(s, affines[2:])))
+    return aux, as_dtype(aux[-2], dtype), as_dtype(aux[-1], dtype)
+
+
+def _moved_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         count: float, momentum: float) -> tuple[Tensor, Tensor]:
+    """Running statistics after one update with the batch's mean and biased variance."""
+    dtype = mean.dtype
+    new_mean = torch.lerp(as_dtype(running_mean, dtype), mean, momentum)
+    new_var = torch.lerp(as_dtype(running_var, dtype), var * (count / (count - 1)), momentum)
+    return new_mean, new_var
+
+
+def _normalise_with(x: Tensor, w: Tensor, b: Tensor, mean: Tensor, var: Tensor,
+                    eps: float) -> tuple[Tensor, Tensor]:
+    """``(out, invstd)`` of BatchNorm with given statistics."""
+    out, _, _ = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)
+    return out, torch.rsqrt(var + eps)
+
+
 def aux_like(weight: Tensor) -> Tensor:
     """An empty tensor shaped like the ``aux`` this backend keeps for the backward
     (``S`` with the effective affine ``W``, ``B`` as two more rows)."""
@@ -98,17 +132,14 @@ def forward(
     running statistics are never modified: their updated values are returned
     (empty tensors when there are none or when ``use_batch_stats`` is false).
     """
-    s = correlation_from_stack(affines, eps, temperature)
-    aux = torch.cat((s, recalibrate(s, affines[2:])))
     bn_dtype = compute_dtype(x.dtype)
-    w, b = as_dtype(aux[-2], bn_dtype), as_dtype(aux[-1], bn_dtype)
+    aux, w, b = _effective_affine(affines, eps, temperature, bn_dtype)
     new_mean = new_var = None
     if use_batch_stats and _uses_own_reductions(x):
         out, mean, var, invstd = _train_forward_own_reductions(x, w, b, eps)
         if running_mean is not None:
-            count = x.numel() // x.shape[1]
-            new_mean = torch.lerp(as_dtype(running_mean, bn_dtype), mean, momentum)
-            new_var = torch.lerp(as_dtype(running_var, bn_dtype), var * (count / (count - 1)), momentum)
+            new_mean, new_var = _moved_running_stats(
+                running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     elif use_batch_stats:
         if running_mean is not None:
             new_mean = running_mean.to(bn_dtype, copy=True)
@@ -116,9 +147,7 @@ def forward(
         out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
     else:
         mean = running_mean.to(bn_dtype, copy=True)
-        var = as_dtype(running_var, bn_dtype)
-        out, _, _ = torch.native_batch_norm(x, w, b, mean, var, False, 0.0, eps)
-        invstd = torch.rsqrt(var + eps)
+        out, invstd = _normalise_with(x, w, b, mean, as_dtype(running_var, bn_dtype), eps)
     if new_mean is None:
         new_mean = x.new_empty((0,), dtype=bn_dtype)
         new_var = x.new_empty((0,), dtype=bn_dtype)
@@ -146,21 +175,115 @@ def backward(
     gradients of ``weight_target`` and ``bias_target``. The affine parameters
     are not read: ``aux`` holds all this backend needs of them."""
     s = aux[:-2]
-    bn_dtype = compute_dtype(x.dtype)
-    w, b = as_dtype(aux[-2], bn_dtype), as_dtype(aux[-1], bn_dtype)
-    if activation:
-        scale = w * invstd
-        shift = b - mean * scale
-        pre = x * _channel_view(scale, x.dim()) + _channel_view(shift, x.dim())
-        grad_out = activation_grad(grad_out, pre, activation, negative_slope)
+    w = as_dtype(aux[-2], compute_dtype(x.dtype))
+    grad_out = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
     if use_batch_stats:
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
             grad_out, x, w, None, None, mean, invstd, True, eps, [True, True, True]
         )
     else:
-        reduce_dims = [0] + list(range(2, x.dim()))
-        x_hat = (x - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
-        grad_w = (grad_out * x_hat).sum(reduce_dims, dtype=w.dtype)
-        grad_b = grad_out.sum(reduce_dims, dtype=w.dtype)
+        sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
+        grad_w, grad_b = sum_dy_xmu * invstd, sum_dy
         grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
     return grad_x, recalibrate_grad(s, torch.stack((grad_w, grad_b)))
+
+
+def _through_activation(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
+                        activation: str, negative_slope: float) -> Tensor:
+    """The gradient with respect to the normalised output before the activation,
+    whose mask is recomputed from x."""
+    if not activation:
+        return grad_out
+    bn_dtype = compute_dtype(x.dtype)
+    scale = as_dtype(aux[-2], bn_dtype) * invstd
+    shift = as_dtype(aux[-1], bn_dtype) - mean * scale
+    pre = x * _channel_view(scale, x.dim()) + _channel_view(shift, x.dim())
+    return activation_grad(grad_out, pre, activation, negative_slope)
+
+
+def _sums(grad: Tensor, x: Tensor, mean: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+    dims = _reduce_dims(x)
+    centred = x - _channel_view(mean, x.dim())
+    return grad.sum(dims, dtype=dtype), (grad * centred).sum(dims, dtype=dtype)
+
+
+def local_statistics(x: Tensor) -> Tensor:
+    """Moments of this process's batch, ``(4, C)`` in the compute dtype, rows as
+    :data:`acnorm_fused.statistics.MOMENT_ROWS` (the centre is the batch mean)."""
+    channels = x.shape[1]
+    dtype = compute_dtype(x.dtype)
+    count = x.numel() // channels
+    moments = x.new_zeros((MOMENT_ROWS, channels), dtype=dtype)
+    if count:
+        var, mean = torch.var_mean(as_dtype(x, dtype), _reduce_dims(x), correction=0)
+        moments[0] = count
+        moments[1] = mean
+        moments[3] = var * count
+    return moments
+
+
+def forward_with_statistics(
+    x: Tensor,
+    affines: Tensor,
+    centre: Tensor,
+    mean_rel: Tensor,
+    var: Tensor,
+    count: float,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    momentum: float,
+    eps: float,
+    temperature: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training forward with batch statistics computed elsewhere (mean
+    ``centre + mean_rel``, biased ``var`` over ``count`` values); returns as
+    :func:`forward`, the running statistics moved when given."""
+    bn_dtype = compute_dtype(x.dtype)
+    aux, w, b = _effective_affine(affines, eps, temperature, bn_dtype)
+    mean = as_dtype(centre, bn_dtype) + as_dtype(mean_rel, bn_dtype)
+    var = as_dtype(var, bn_dtype)
+    out, invstd = _normalise_with(x, w, b, mean, var, eps)
+    if running_mean is not None:
+        new_mean, new_var = _moved_running_stats(running_mean, running_var, mean, var, count, momentum)
+    else:
+        new_mean = new_var = x.new_empty((0,), dtype=bn_dtype)
+    out = apply_activation(out, activation, negative_slope, inplace=True)
+    return out, mean, invstd, new_mean, new_var, aux
+
+
+def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
+              activation: str, negative_slope: float) -> Tensor:
+    """This process's ``(2, C)`` rows ``sum(dy)``, ``sum(dy * (x - mean))``, with ``dy``
+    taken through the activation."""
+    grad = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
+    return torch.stack(_sums(grad, x, mean, compute_dtype(x.dtype)))
+
+
+def backward_with_sums(
+    grad_out: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    aux: Tensor,
+    local_sums: Tensor,
+    global_sums: Tensor,
+    count: float,
+    temperature: float,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_target)`` of the training forward whose statistics cover
+    ``count`` values in all: dx from the sums over all of them
+    (``global_sums``), the target-affine gradients from this process's."""
+    grad = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
+    w = as_dtype(aux[-2], compute_dtype(x.dtype))
+    ndim = x.dim()
+    mean_dy = _channel_view(global_sums[0] / count, ndim)
+    projection = _channel_view(global_sums[1] * invstd * invstd / count, ndim)
+    centred = x - _channel_view(mean, ndim)
+    grad_x = ((grad - mean_dy - centred * projection) * _channel_view(w * invstd, ndim)).to(x.dtype)
+    grad_affine = torch.stack((local_sums[1] * invstd, local_sums[0]))
+    return grad_x, recalibrate_grad(aux[:-2], grad_affine)

@@ -1,14 +1,16 @@
 """Per-channel finalise steps, between the passes over x.
 
 ``finalise_forward_kernel``: merge the statistics partials of a block of
-channels (Chan's formula, fixed order) or read the running statistics, move
-the running statistics, compute each channel's row of the correlation S from
+channels (Chan's formula, fixed order) or read given statistics (the running
+ones in eval, or moments merged across processes), move the running
+statistics, compute each channel's row of the correlation S from
 ``y_t[c]`` and all of ``y_s`` (no C x C matrix is stored), the effective
 affine ``W_c = gamma_t[c] + sum_j S[c, j] gamma_t[j]`` (``B_c`` alike), and the
 scale ``W_c * invstd_c`` of the apply pass.
 
 ``finalise_backward_kernel``: sum the gradient partials, giving ``dW``, ``dB``
-and the coefficients of ``dx = scale * dy + p * (x - mean) + q``.
+and the coefficients of ``dx = scale * dy + p * (x - mean) + q`` (from sums
+over all processes when given).
 
 ``target_grad_kernel``: ``(I + S)^T [dW; dB]``, one block of columns of S per
 program, S recomputed from the row normalisers the forward saved.
@@ -56,10 +58,11 @@ def _softmax_normalisers(y_target, affines_ptr, C, eps, temperature,
 
 @triton.jit
 def finalise_forward_kernel(
-    partials_ptr, num_splits, x_ptr, pilot_stride, affines_ptr, running_mean_ptr, running_var_ptr,
+    partials_ptr, num_splits, x_ptr, pilot_stride, affines_ptr,
+    given_centre_ptr, given_mean_rel_ptr, given_var_ptr, running_mean_ptr, running_var_ptr,
     mean_ptr, invstd_ptr, new_mean_ptr, new_var_ptr, aux_ptr,
     C, count, momentum, eps, temperature,
-    BATCH_STATS: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_MEAN_REL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
     BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
@@ -75,19 +78,21 @@ def finalise_forward_kernel(
         _, centre_lo, m2 = tl.reduce((part_n, part_mean, part_m2), 1, chan_merge)
         centre_hi = tl.load(x_ptr + channels.to(tl.int64) * pilot_stride, mask=channel_mask,
                             other=0.0).to(tl.float32)
-        mean = centre_hi + centre_lo
         var = m2 / count
-        if UPDATE_RUNNING:
-            old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
-            old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
-            unbiased = var * (count / (count - 1.0))
-            tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=channel_mask)
-            tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=channel_mask)
     else:
-        mean = tl.load(running_mean_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
-        var = tl.load(running_var_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
-        centre_hi = mean
-        centre_lo = tl.zeros([BLOCK_CH], tl.float32)
+        centre_hi = tl.load(given_centre_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        var = tl.load(given_var_ptr + channels, mask=channel_mask, other=1.0).to(tl.float32)
+        if HAS_MEAN_REL:
+            centre_lo = tl.load(given_mean_rel_ptr + channels, mask=channel_mask, other=0.0).to(tl.float32)
+        else:
+            centre_lo = tl.zeros([BLOCK_CH], tl.float32)
+    mean = centre_hi + centre_lo
+    if UPDATE_RUNNING:
+        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
+        old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
+        unbiased = var * (count / (count - 1.0))
+        tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=channel_mask)
+        tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=channel_mask)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
@@ -125,9 +130,9 @@ def finalise_forward_kernel(
 
 @triton.jit
 def finalise_backward_kernel(
-    partials_ptr, num_splits, invstd_ptr, aux_ptr, grad_affine_ptr, coef_ptr,
+    partials_ptr, num_splits, global_sums_ptr, invstd_ptr, aux_ptr, grad_affine_ptr, coef_ptr,
     C, count,
-    BATCH_STATS: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+    BATCH_STATS: tl.constexpr, HAS_GLOBAL: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
     channel_mask = channels < C
@@ -140,7 +145,11 @@ def finalise_backward_kernel(
     tl.store(grad_affine_ptr + channels, sum_dy_xmu * invstd, mask=channel_mask)
     tl.store(grad_affine_ptr + C + channels, sum_dy, mask=channel_mask)
     if BATCH_STATS:
-        # The batch statistics depend on x: dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
+        # The batch statistics depend on x: dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
+        # the means over every value the statistics cover.
+        if HAS_GLOBAL:
+            sum_dy = tl.load(global_sums_ptr + channels, mask=channel_mask, other=0.0)
+            sum_dy_xmu = tl.load(global_sums_ptr + C + channels, mask=channel_mask, other=0.0)
         scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
         p = -scale * invstd * invstd * sum_dy_xmu / count
         q = -scale * sum_dy / count

@@ -25,15 +25,23 @@ from .primitives import activation_grad, chan_merge, welford_step
 
 
 @triton.jit
-def _channel_constants(x_ptr, aux_ptr, channels, pilot_offsets, C, channel_mask):
-    """The per-channel values of a pass: the centring pilot ``K`` (statistics) and
-    scale, bias and centre from ``aux`` (gradient sums; not yet written, and
-    not used, in the statistics pass)."""
-    pilot = tl.load(x_ptr + pilot_offsets, mask=channel_mask, other=0.0).to(tl.float32)
-    scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
-    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
-    centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
-    centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+def _channel_constants(x_ptr, aux_ptr, channels, pilot_offsets, C, channel_mask, GRAD: tl.constexpr):
+    """The per-channel values of a pass, shaped like ``channels``: the centring
+    pilot ``K`` for the statistics; scale, bias and centre from ``aux`` for the
+    gradient sums (zeros where a pass does not use them)."""
+    zero = tl.where(channel_mask, 0.0, 0.0)
+    if GRAD:
+        pilot = zero
+        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
+        bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
+        centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
+        centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    else:
+        pilot = tl.load(x_ptr + pilot_offsets, mask=channel_mask, other=0.0).to(tl.float32)
+        scale = zero
+        bias = zero
+        centre_hi = zero
+        centre_lo = zero
     return pilot, scale, bias, centre_hi, centre_lo
 
 
@@ -82,7 +90,7 @@ def reduce_planar_kernel(
     acc_a = tl.zeros([BLOCK], tl.float32)
     acc_b = tl.zeros([BLOCK], tl.float32)
     pilot, scale, bias, centre_hi, centre_lo = _channel_constants(
-        x_ptr, aux_ptr, channel, channel.to(tl.int64) * S, C, channel < C)
+        x_ptr, aux_ptr, channel, channel.to(tl.int64) * S, C, channel < C, GRAD)
     s_start = s_split * s_chunk
     s_end = tl.minimum(s_start + s_chunk, S)
     n_start = n_split * n_chunk
@@ -113,7 +121,7 @@ def reduce_interleaved_kernel(
     acc_b = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     # Row 0 holds every channel's first value.
     pilot, scale, bias, centre_hi, centre_lo = _channel_constants(
-        x_ptr, aux_ptr, channels, channels, C, channel_mask)
+        x_ptr, aux_ptr, channels, channels, C, channel_mask, GRAD)
     r_start = split * r_chunk
     r_end = tl.minimum(r_start + r_chunk, R)
     for r in range(r_start, r_end, BLOCK_R):
