@@ -9,6 +9,7 @@ from ._version import __version__
 from .backends import available_backends
 from .convert import convert_model, fold_to_batchnorm
 from .correlation import correlation, effective_affine
+from .distributed import SyncACNorm
 from .functional import ac_norm
 from .modules import ACNorm1d, ACNorm2d, ACNorm3d, AffineCoNorm2d, AffineCoNorm3d
 
@@ -19,6 +20,7 @@ __all__ = [
     "ACNorm3d",
     "AffineCoNorm2d",
     "AffineCoNorm3d",
+    "SyncACNorm",
     "ac_norm",
     "correlation",
     "effective_affine",

@@ -53,8 +53,13 @@ def check_input(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     training: bool,
+    synced: bool = False,
 ) -> None:
-    """Check ranks, shapes, dtypes and devices of the input and the parameters."""
+    """Check ranks, shapes, dtypes and devices of the input and the parameters.
+
+    ``synced``: the batch statistics cover the batches of several processes,
+    so this one may hold few values, or none.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name}: expected a Tensor input, got {type(x).__name__}")
     if not 2 <= x.dim() <= 5:
@@ -103,7 +108,7 @@ def check_input(
         )
     if not training and running_mean is None:
         raise ValueError(f"{name}: running_mean and running_var are required when training=False")
-    if training:
+    if training and not synced:
         values_per_channel = x.numel() // max(x.shape[1], 1)
         if values_per_channel <= 1:
             raise ValueError(

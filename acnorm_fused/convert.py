@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .correlation import effective_affine
 from .functional import effective_momentum
+from .distributed import SyncACNorm
 from .modules import ACNorm, ACNorm1d, ACNorm2d, ACNorm3d
 
 __all__ = ["convert_model", "fold_to_batchnorm"]
@@ -62,22 +64,22 @@ def convert_model(
     exclude: Iterable[str] = (),
     *,
     double_update: bool = True,
+    process_group: Any = None,
 ) -> nn.Module:
     """Replace every ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` by AC-Norm.
 
     Each new layer gets the BatchNorm's affine as both its frozen source
     affine and its trainable target affine, the BatchNorm's running
     statistics, ``eps``, ``momentum``, device, dtype, training flag and
-    ``requires_grad``. Layers named in ``exclude`` (as in
+    ``requires_grad``. With ``sync=True`` every new layer is a
+    :class:`acnorm_fused.SyncACNorm` over ``process_group`` (the default group
+    when ``None``), for DDP training. Layers named in ``exclude`` (as in
     ``module.named_modules()``; a name excludes its whole subtree) stay as
     they are. The module is changed in place and returned (the returned
     object is new when ``module`` itself is a BatchNorm).
     """
-    if sync:
-        raise NotImplementedError(
-            "convert_model: sync=True needs SyncACNorm, which this version of acnorm_fused "
-            "does not provide yet; convert with sync=False"
-        )
+    if process_group is not None and not sync:
+        raise ValueError("convert_model: process_group is for sync=True; got sync=False")
     exclude = tuple([exclude] if isinstance(exclude, str) else exclude)
     names = {name for name, _ in module.named_modules()}
     unknown = [entry for entry in exclude if entry not in names]
@@ -94,7 +96,8 @@ def convert_model(
                 f"convert_model: {where} ({layer}) has affine=False; AC-Norm needs a pretrained "
                 f"affine to start from (leave it as BatchNorm with exclude=[{name!r}])"
             )
-        new = acnorm_type(
+        options = {"process_group": process_group} if sync else {}
+        new = (SyncACNorm if sync else acnorm_type)(
             layer.num_features,
             eps=layer.eps,
             momentum=layer.momentum,
@@ -104,6 +107,7 @@ def convert_model(
             device=layer.weight.device,
             dtype=layer.weight.dtype,
             double_update=double_update,
+            **options,
         )
         with torch.no_grad():
             for source, target in (("weight", "weight"), ("bias", "bias"),
@@ -128,8 +132,8 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
     ``(I + S) beta_t`` and the running statistics, so the finetuned model runs
     and exports (TorchScript, ONNX, ``torch.export``) without any custom op.
     ``ACNorm1d/2d/3d`` become ``BatchNorm1d/2d/3d``; the any-rank ``ACNorm``
-    becomes ``SyncBatchNorm`` (which is a plain BatchNorm outside
-    distributed training). A fused activation becomes ``nn.Sequential(bn,
+    and ``SyncACNorm`` become ``SyncBatchNorm`` (which is a plain BatchNorm
+    outside distributed training; it keeps a ``SyncACNorm``'s process group). A fused activation becomes ``nn.Sequential(bn,
     activation)``. The momentum becomes the one-update equivalent of the
     layer's update rule. The module is changed in place and returned.
     """
@@ -161,6 +165,8 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
                 bn.running_mean.copy_(layer.running_mean)
                 bn.running_var.copy_(layer.running_var)
                 bn.num_batches_tracked.copy_(layer.num_batches_tracked)
+        if isinstance(layer, SyncACNorm):
+            bn.process_group = layer.process_group
         bn.train(layer.training)
         if layer.activation is None:
             return bn

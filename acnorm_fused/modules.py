@@ -143,13 +143,18 @@ class ACNorm(nn.Module):
                 f"of shape {tuple(x.shape)}"
             )
 
+    def _update_rule(self) -> tuple[float, bool]:
+        """``(momentum, double_update)`` of this call's running-statistics update."""
+        momentum, double_update = self.momentum, self.double_update
+        if self.training and self.track_running_stats and momentum is None:
+            # Cumulative moving average, as BatchNorm: one update by 1/count.
+            momentum, double_update = 1.0 / float(self.num_batches_tracked + 1), False
+        return (0.0 if momentum is None else momentum), double_update
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         updates_stats = self.training and self.track_running_stats
-        momentum, double_update = self.momentum, self.double_update
-        if updates_stats and momentum is None:
-            # Cumulative moving average, as BatchNorm: one update by 1/count.
-            momentum, double_update = 1.0 / float(self.num_batches_tracked + 1), False
+        momentum, double_update = self._update_rule()
         use_batch_stats = self.training or self.running_mean is None
         tracks = not self.training or self.track_running_stats
         out = ac_norm(
@@ -161,7 +166,7 @@ class ACNorm(nn.Module):
             self.weight_target,
             self.bias_target,
             training=use_batch_stats,
-            momentum=0.0 if momentum is None else momentum,
+            momentum=momentum,
             eps=self.eps,
             temperature=self.temperature,
             activation=self.activation,

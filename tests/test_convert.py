@@ -117,9 +117,25 @@ def test_convert_refuses_affine_false_naming_the_layer():
     assert isinstance(acn.convert_model(model, exclude=["1"])[1], nn.BatchNorm2d)
 
 
-def test_sync_conversion_is_not_available_yet():
-    with pytest.raises(NotImplementedError, match="SyncACNorm"):
-        acn.convert_model(nn.BatchNorm2d(3), sync=True)
+def test_sync_conversion_gives_sync_layers_that_act_alone_as_acnorm():
+    group = object()  # stands for a process group; only stored
+    model = acn.convert_model(_pretrained(), sync=True, process_group=group)
+    plain = acn.convert_model(_pretrained())
+    layers = [m for m in model.modules() if isinstance(m, acn.SyncACNorm)]
+    assert len(layers) == sum(isinstance(m, ACNorm) for m in plain.modules()) > 0
+    assert all(m.process_group is group for m in layers)
+    for m in layers:
+        m.process_group = None  # no process group is initialised here
+    x = random_input((2, 1, 8, 8, 8), 3, torch.float64)
+    torch.testing.assert_close(model(x), plain(x))
+    assert type(acn.convert_model(nn.SyncBatchNorm(3), sync=True)) is acn.SyncACNorm
+    folded = acn.fold_to_batchnorm(acn.convert_model(nn.BatchNorm3d(3), sync=True, process_group=group))
+    assert type(folded) is nn.SyncBatchNorm and folded.process_group is group
+
+
+def test_process_group_without_sync_is_an_error():
+    with pytest.raises(ValueError, match="process_group is for sync=True"):
+        acn.convert_model(nn.BatchNorm2d(3), process_group=object())
 
 
 def _finetune(model, steps=3, seed=10):
