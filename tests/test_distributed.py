@@ -8,6 +8,8 @@ that the test then compares with the float64 reference.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -225,3 +227,17 @@ def test_ddp_training_equals_single_process_training(tmp_path):
         for key, value in expected.items():
             torch.testing.assert_close(got[key], value, rtol=1e-9, atol=1e-10, msg=f"rank {rank}: {key}")
 
+
+
+def test_example_runs_with_torchrun_on_two_processes(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "ddp_finetune.py"
+    out = tmp_path / "folded.pt"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(example),
+         "--steps", "2", "--size", "8", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "finetuning on 2 process(es)" in run.stdout and "step   2/2" in run.stdout
+    state = torch.load(out)
+    assert "0.1.running_mean" in state and not any("target" in key for key in state), "folded to BatchNorm"
