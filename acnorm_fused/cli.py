@@ -87,6 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     machine = benchmark.machine_description(device)
     if device.type == "cpu" and not args.system_malloc and benchmark.reuse_freed_memory():
         machine += ", freed memory reused (glibc mallopt)"
+    if args.sync_processes is not None:
+        return _bench_sync(args, cases, device, machine)
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
     results = benchmark.run(
         cases, device, repeats=args.repeats, warmup=args.warmup,
@@ -105,6 +107,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print("acnorm bench: no plot (matplotlib is not installed)", file=sys.stderr)
     return 0
+
+
+def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, machine: str) -> int:
+    """The SyncACNorm table: gloo processes on this machine's CPU."""
+    from . import benchmark_sync
+
+    if device.type != "cpu":
+        print("acnorm bench: --sync-processes runs gloo processes on the CPU; use --device cpu",
+              file=sys.stderr)
+        return 2
+    machine += f", {args.sync_processes} gloo processes"
+    print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
+    results = benchmark_sync.run_sync(
+        cases, args.sync_processes, repeats=args.repeats, warmup=args.warmup,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        reuse_memory=not args.system_malloc,
+    )
+    table = benchmark_sync.to_markdown(results, machine)
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench-sync.md").write_text(table)
+        (args.out / "bench-sync.json").write_text(benchmark_sync.to_json(results, machine))
+        print(f"acnorm bench: wrote {args.out / 'bench-sync.md'} and {args.out / 'bench-sync.json'}",
+              file=sys.stderr)
+    return 0
+
+
+def _at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=_non_negative_int, default=3, help="CPU: untimed steps per layer first")
     bench.add_argument(
         "--no-compile", action="store_true", help="CUDA: leave out torch.compile of the reference",
+    )
+    bench.add_argument(
+        "--sync-processes", type=_at_least_two, metavar="N",
+        help="instead: time SyncACNorm against ACNorm and BatchNorm in N gloo processes on the CPU",
     )
     bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
     bench.add_argument(

@@ -73,3 +73,23 @@ def test_gpu_table_reports_the_bars_from_paired_samples():
     data = json.loads(benchmark.to_json([result], "a GPU"))["results"][0]["ratios"]
     assert data["compiled_over_acnorm"] == pytest.approx(1.5)
     assert data["copy_bandwidth_fraction"] == pytest.approx(1.0)
+
+
+def test_bench_sync_processes_writes_its_table(tmp_path, capsys):
+    args = ["bench", "--device", "cpu", "--sync-processes", "2", "--shapes", "2x3x2x2x2",
+            "--dtypes", "float32", "--layouts", "contiguous", "--repeats", "2", "--warmup", "0",
+            "--out", str(tmp_path)]
+    assert main(args) == 0
+    table = (tmp_path / "bench-sync.md").read_text()
+    assert "| 2x3x2x2x2 | float32 | contiguous | 2 |" in table
+    data = json.loads((tmp_path / "bench-sync.json").read_text())["results"][0]
+    assert set(data["samples_ms"]) == {"syncacnorm", "acnorm", "batchnorm"}
+    assert all(len(v) == 2 for v in data["samples_ms"].values())
+    # PyTorch runs SyncBatchNorm on GPUs only; the table says why it is missing.
+    assert "syncbatchnorm" in data["refused"] and "SyncBatchNorm" in table
+
+
+def test_bench_sync_processes_needs_two(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--sync-processes", "1"])
+    assert "must be at least 2" in capsys.readouterr().err
