@@ -86,6 +86,11 @@ def _worker(rank: int, world_size: int, init_file: str, cases: list[Case], repea
         dist.destroy_process_group()
 
 
+def threads_per_process(world_size: int) -> int:
+    """Threads each process gets: this machine's share, so processes do not compete."""
+    return max(1, torch.get_num_threads() // world_size)
+
+
 def run_sync(
     cases: Sequence[Case],
     world_size: int,
@@ -97,7 +102,7 @@ def run_sync(
     """Time the layers in ``world_size`` gloo processes sharing this machine's
     cores; ``case.shape`` is the batch of each process. ``reuse_memory``: as
     :func:`acnorm_fused.benchmark.reuse_freed_memory`, in every process."""
-    threads = max(1, torch.get_num_threads() // world_size)
+    threads = threads_per_process(world_size)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp) / "results.json")
         if progress is not None:

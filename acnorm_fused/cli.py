@@ -117,7 +117,8 @@ def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, mac
         print("acnorm bench: --sync-processes runs gloo processes on the CPU; use --device cpu",
               file=sys.stderr)
         return 2
-    machine += f", {args.sync_processes} gloo processes"
+    threads = benchmark_sync.threads_per_process(args.sync_processes)
+    machine += f"; {args.sync_processes} gloo processes of {threads} thread(s) each"
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
     results = benchmark_sync.run_sync(
         cases, args.sync_processes, repeats=args.repeats, warmup=args.warmup,
