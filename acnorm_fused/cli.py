@@ -63,6 +63,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _write_tables(folder: Path, stem: str, markdown: str, json_text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(markdown)
+    (folder / f"{stem}.json").write_text(json_text)
+    print(f"acnorm bench: wrote {folder / (stem + '.md')} and {folder / (stem + '.json')}", file=sys.stderr)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark table and optionally write it as Markdown and JSON."""
     if args.device == "auto":
@@ -98,10 +105,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     table = benchmark.to_markdown(results, machine)
     print(table)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench.md").write_text(table)
-        (args.out / "bench.json").write_text(benchmark.to_json(results, machine))
-        print(f"acnorm bench: wrote {args.out / 'bench.md'} and {args.out / 'bench.json'}", file=sys.stderr)
+        _write_tables(args.out, "bench", table, benchmark.to_json(results, machine))
         if benchmark.write_plot(results, args.out / "bench.png"):
             print(f"acnorm bench: wrote {args.out / 'bench.png'}", file=sys.stderr)
         else:
@@ -128,11 +132,7 @@ def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, mac
     table = benchmark_sync.to_markdown(results, machine)
     print(table)
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench-sync.md").write_text(table)
-        (args.out / "bench-sync.json").write_text(benchmark_sync.to_json(results, machine))
-        print(f"acnorm bench: wrote {args.out / 'bench-sync.md'} and {args.out / 'bench-sync.json'}",
-              file=sys.stderr)
+        _write_tables(args.out, "bench-sync", table, benchmark_sync.to_json(results, machine))
     return 0
 
 

@@ -176,14 +176,9 @@ class SyncACNorm(ACNorm):
             self.weight_target,
             self.bias_target,
             momentum=momentum,
-            eps=self.eps,
-            temperature=self.temperature,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            backend=self.backend,
             process_group=self.process_group,
             double_update=double_update,
-            caller=self._describe(),
+            **self._op_options(),
         )
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)

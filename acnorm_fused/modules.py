@@ -151,6 +151,17 @@ class ACNorm(nn.Module):
             momentum, double_update = 1.0 / float(self.num_batches_tracked + 1), False
         return (0.0 if momentum is None else momentum), double_update
 
+    def _op_options(self) -> dict[str, Any]:
+        """Keyword arguments of the functional op that come from the layer's settings."""
+        return {
+            "eps": self.eps,
+            "temperature": self.temperature,
+            "activation": self.activation,
+            "negative_slope": self.negative_slope,
+            "backend": self.backend,
+            "caller": self._describe(),
+        }
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
         updates_stats = self.training and self.track_running_stats
@@ -167,13 +178,8 @@ class ACNorm(nn.Module):
             self.bias_target,
             training=use_batch_stats,
             momentum=momentum,
-            eps=self.eps,
-            temperature=self.temperature,
-            activation=self.activation,
-            negative_slope=self.negative_slope,
-            backend=self.backend,
             double_update=double_update,
-            caller=self._describe(),
+            **self._op_options(),
         )
         if updates_stats:
             self.num_batches_tracked.add_(1)
