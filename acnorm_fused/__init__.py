@@ -12,6 +12,7 @@ from .correlation import correlation, effective_affine
 from .distributed import SyncACNorm
 from .functional import ac_norm
 from .modules import ACNorm1d, ACNorm2d, ACNorm3d, AffineCoNorm2d, AffineCoNorm3d
+from .transferability import ac_corr, ac_corr_layers
 
 __all__ = [
     "__version__",
@@ -24,6 +25,8 @@ __all__ = [
     "ac_norm",
     "correlation",
     "effective_affine",
+    "ac_corr",
+    "ac_corr_layers",
     "convert_model",
     "fold_to_batchnorm",
     "available_backends",

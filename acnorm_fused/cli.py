@@ -143,6 +143,25 @@ def _at_least_two(text: str) -> int:
     return value
 
 
+def cmd_rank(args: argparse.Namespace) -> int:
+    """Rank pretrained models by AC-Corr from (pretrained, short-finetuned) checkpoint pairs."""
+    from . import transferability
+
+    names = [name for name, _, _ in args.candidate]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        print(f"acnorm rank: candidate names must differ; repeated: {', '.join(duplicates)}", file=sys.stderr)
+        return 2
+    pairs = {name: (pretrained, finetuned) for name, pretrained, finetuned in args.candidate}
+    try:
+        ranking = transferability.rank_checkpoints(pairs, args.layers, ascending=args.ascending)
+    except (OSError, ValueError) as error:
+        print(f"acnorm rank: {error}", file=sys.stderr)
+        return 2
+    print(transferability.to_json(ranking) if args.json else transferability.to_text(ranking), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acnorm", description="Fused AC-Norm for PyTorch.")
     parser.add_argument("--version", action="version", version=f"acnorm_fused {__version__}")
@@ -185,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CPU, keep glibc's default of unmapping large freed blocks (noisier timings)",
     )
     bench.set_defaults(func=cmd_bench)
+
+    rank = sub.add_parser(
+        "rank", help="rank pretrained models by AC-Corr after a short AC-Norm finetuning of each",
+        description="Score each candidate by AC-Corr between its pretrained BatchNorm checkpoint and "
+        "the checkpoint of the same model after a short AC-Norm finetuning on the target task "
+        "(one epoch, or a few hundred steps), and print them highest score first.",
+    )
+    rank.add_argument(
+        "--candidate", nargs=3, action="append", required=True,
+        metavar=("NAME", "PRETRAINED", "FINETUNED"), help="a candidate and its two checkpoint files; repeat",
+    )
+    rank.add_argument("--layers", nargs="+", metavar="PREFIX",
+                      help="score only the AC-Norm layers whose names start with these (default: all)")
+    rank.add_argument("--json", action="store_true", help="print JSON with the per-layer scores")
+    rank.add_argument("--ascending", action="store_true", help="lowest score first")
+    rank.set_defaults(func=cmd_rank)
     return parser
 
 

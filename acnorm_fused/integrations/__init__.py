@@ -1,0 +1,1 @@
+"""Hooks into other libraries (each imports its library only when used)."""
