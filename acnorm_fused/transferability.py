@@ -75,12 +75,17 @@ def _state_dict(checkpoint: Checkpoint) -> dict[str, Tensor]:
     return {_strip_wrappers(k): v for k, v in checkpoint.items()}
 
 
+def _key(layer: str, leaf: str) -> str:
+    """The state-dict key of ``leaf`` in ``layer`` (``""``: a bare layer's own state)."""
+    return f"{layer}.{leaf}" if layer else leaf
+
+
 def _layers_with(state: Mapping[str, Tensor], keys: tuple[str, str]) -> list[str]:
     """Layer names that have both ``keys`` (e.g. ``weight``, ``bias``), in state order."""
     names = []
     for key in state:
         layer, _, leaf = key.rpartition(".")
-        if leaf == keys[0] and f"{layer}.{keys[1]}" in state and layer not in names:
+        if leaf == keys[0] and _key(layer, keys[1]) in state and layer not in names:
             names.append(layer)
     return names
 
@@ -118,8 +123,8 @@ def ac_corr_layers(
             raise ValueError(f"ac_corr: the source has none of the target's AC-Norm layers {target_layers}")
     scores = {}
     for name in chosen:
-        affine = [source_state[f"{name}.weight"], source_state[f"{name}.bias"],
-                  target_state[f"{name}.weight_target"], target_state[f"{name}.bias_target"]]
+        affine = [source_state[_key(name, "weight")], source_state[_key(name, "bias")],
+                  target_state[_key(name, "weight_target")], target_state[_key(name, "bias_target")]]
         shapes = {tuple(t.shape) for t in affine}
         if len(shapes) != 1 or len(next(iter(shapes))) != 1:
             raise ValueError(

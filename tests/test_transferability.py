@@ -59,6 +59,18 @@ def test_ac_corr_of_models_and_files(tmp_path):
     assert acn.ac_corr(source, model) == pytest.approx(expected)
 
 
+def test_a_bare_layer():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    layer = acn.convert_model(bn)
+    with torch.no_grad():
+        layer.bias_target.add_(0.3)
+    s = hand_correlation(bn.weight, bn.bias, layer.weight_target, layer.bias_target)
+    assert acn.ac_corr_layers(bn, layer) == pytest.approx({"": float(s.sum())}, rel=1e-5)
+
+
 def test_unchanged_target_keeps_only_the_diagonal():
     """With the target affine equal to the source one, S keeps only A[i, i] per
     row (distinct signatures), the smallest a row can keep."""
