@@ -1,9 +1,12 @@
 """Backend selection.
 
 ``reference`` is the authors' formulation, differentiated by autograd. The
-other backends ("fused" backends) implement one forward and one backward
-function with the signatures of :mod:`acnorm_fused.backends.pytorch` and run
-behind the custom ops of :mod:`acnorm_fused.ops`.
+other backends ("fused" backends: ``torch``, ``triton``) implement the
+functions of :mod:`acnorm_fused.backends.pytorch` with the same signatures:
+``aux_like``, ``forward`` and ``backward``, which run behind the custom ops of
+:mod:`acnorm_fused.ops`, and the steps ``local_statistics``,
+``forward_with_statistics``, ``grad_sums`` and ``backward_with_sums`` that
+:mod:`acnorm_fused.distributed` composes around its collectives.
 """
 
 from __future__ import annotations
