@@ -315,3 +315,17 @@ def test_compile_fullgraph():
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(compiled_layer.weight_target.grad, layer.weight_target.grad)
     torch.testing.assert_close(compiled_layer.running_mean, layer.running_mean)
+
+
+def test_fused_backends_share_one_contract():
+    """Every function of the fused-backend contract, with the same parameters."""
+    import inspect
+
+    from acnorm_fused.backends import fused_backend
+
+    contract = ("aux_like", "forward", "backward", "local_statistics", "forward_with_statistics",
+                "grad_sums", "backward_with_sums")
+    torch_backend, triton_backend = fused_backend("torch"), fused_backend("triton")
+    for name in contract:
+        expected = list(inspect.signature(getattr(torch_backend, name)).parameters)
+        assert list(inspect.signature(getattr(triton_backend, name)).parameters) == expected, name
