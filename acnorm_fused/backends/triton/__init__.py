@@ -133,21 +133,38 @@ def forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, mean, invstd, new_running_mean, new_running_var, aux)``; the
     running statistics are not modified (see :func:`..pytorch.forward`)."""
+    if not use_batch_stats:
+        return _forward_given(x, affines, (running_mean, None, running_var), 1.0, None, None,
+                              momentum, eps, temperature, activation, negative_slope)
     geo = geometry(x)
-    out = torch.empty_like(x)
+    partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
     with _on_device(x):
-        if use_batch_stats:
-            partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
-            _reduce(geo, x, None, partials, partials, activation, negative_slope)
-            stats = _finalise_forward(geo, x, affines, partials, None, float(geo.count),
-                                      running_mean, running_var, running_mean is not None,
-                                      momentum, eps, temperature)
-        else:
-            stats = _finalise_forward(geo, x, affines, None, (running_mean, None, running_var), 1.0,
-                                      None, None, False, momentum, eps, temperature)
-        if x.numel():
-            _elementwise(geo, x, None, out, stats[-1], stats[-1], activation, negative_slope)
-    return (out, *stats)
+        _reduce(geo, x, None, partials, partials, activation, negative_slope)
+        stats = _finalise_forward(geo, x, affines, partials, None, float(geo.count),
+                                  running_mean, running_var, running_mean is not None,
+                                  momentum, eps, temperature)
+        return (_apply_pass(geo, x, stats[-1], activation, negative_slope), *stats)
+
+
+def _apply_pass(geo: Geometry, x: Tensor, aux: Tensor, activation: str, negative_slope: float) -> Tensor:
+    """The forward's output: ``act((x - mean) * scale + B)`` in x's layout."""
+    out = torch.empty_like(x)
+    if x.numel():
+        _elementwise(geo, x, None, out, aux, aux, activation, negative_slope)
+    return out
+
+
+def _forward_given(
+    x: Tensor, affines: Tensor, given: tuple[Tensor, Tensor | None, Tensor], count: float,
+    running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
+    temperature: float, activation: str, negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward with given ``(centre, mean_rel or None, var)``: finalise, then apply."""
+    geo = geometry(x)
+    with _on_device(x):
+        stats = _finalise_forward(geo, x, affines, None, given, count, running_mean, running_var,
+                                  running_mean is not None, momentum, eps, temperature)
+        return (_apply_pass(geo, x, stats[-1], activation, negative_slope), *stats)
 
 
 def local_statistics(x: Tensor) -> Tensor:
@@ -188,15 +205,8 @@ def forward_with_statistics(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The training forward with statistics computed elsewhere (see
     :func:`..pytorch.forward_with_statistics`)."""
-    geo = geometry(x)
-    out = torch.empty_like(x)
-    with _on_device(x):
-        stats = _finalise_forward(geo, x, affines, None, (centre, mean_rel, var), count,
-                                  running_mean, running_var, running_mean is not None,
-                                  momentum, eps, temperature)
-        if x.numel():
-            _elementwise(geo, x, None, out, stats[-1], stats[-1], activation, negative_slope)
-    return (out, *stats)
+    return _forward_given(x, affines, (centre, mean_rel, var), count, running_mean, running_var,
+                          momentum, eps, temperature, activation, negative_slope)
 
 
 def _grad_like_x(grad_out: Tensor, x: Tensor) -> Tensor:
