@@ -17,7 +17,7 @@ import torch
 
 import acnorm_fused as acn
 from acnorm_fused.backends import resolve_backend
-from acnorm_fused.backends.triton import launch
+from acnorm_fused.backends import geometry as launch
 from acnorm_fused.correlation import effective_affine
 from acnorm_fused.functional import effective_momentum
 

@@ -1,7 +1,7 @@
 """Elementwise passes over x: the forward apply
 ``y = act(pre)``, ``pre = (x - mean) * scale + B``, and the backward
 ``dx = scale * act'(pre) * dy + p * (x - mean) + q``, one kernel per layout;
-``x - mean`` is computed as ``(x - hi) - lo`` (see :mod:`.finalize`).
+``x - mean`` is computed as ``(x - hi) - lo`` (see :mod:`..multipass`).
 
 Programs run in reverse order of the reduction pass that precedes them, so
 the first tiles they touch are the last the reduction read, still in L2.

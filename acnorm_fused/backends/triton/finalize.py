@@ -15,12 +15,8 @@ over all processes when given).
 ``target_grad_kernel``: ``(I + S)^T [dW; dB]``, one block of columns of S per
 program, S recomputed from the row normalisers the forward saved.
 
-The rows of ``aux`` (fp32, ``(AUX_ROWS, C)``), written by the forward and read
-by the backward: scale, B, the mean as ``centre_hi + centre_lo`` (see
-:mod:`.reduce`), y_s, y_t, row maximum and row exponential sum of the softmax
-behind S. The passes over x compute ``((x - hi) - lo) * scale + B`` rather
-than ``x * scale + shift``: with a large mean and a small spread (CT
-intensities) the folded shift would cancel catastrophically in fp32.
+The buffers ``aux``, ``partials`` and ``coef`` are described in
+:mod:`..multipass`.
 """
 
 from __future__ import annotations
@@ -29,8 +25,6 @@ import triton
 import triton.language as tl
 
 from .primitives import affinity, affinity_logit, chan_merge, signature
-
-AUX_ROWS = 8
 
 
 @triton.jit

@@ -112,10 +112,11 @@ class Geometry:
             return (self.n * self.c * _cdiv(self.s, self.block),)
         return (_cdiv(self.rows, self.block_r) * self.c_blocks,)
 
-    def finalise_blocks(self) -> tuple[int, int]:
-        """``(channels per program, padded splits)`` of the finalise step."""
-        split_block = _next_pow2(self.splits)
-        return max(1, min(_next_pow2(self.c), _FINALISE_TILE // split_block, 32)), split_block
+def finalise_blocks(channels: int, num_splits: int) -> tuple[int, int]:
+    """``(channels per program, padded splits)`` of a Triton finalise step over
+    ``num_splits`` partial results per channel."""
+    split_block = _next_pow2(num_splits)
+    return max(1, min(_next_pow2(channels), _FINALISE_TILE // split_block, 32)), split_block
 
 
 def is_planar(x: Tensor) -> bool:
