@@ -1,0 +1,179 @@
+// The Python module acnorm_fused._cuda: the kernels' host entry points, called
+// with raw device pointers, sizes, a dtype code, the device index and the CUDA
+// stream. It links the CUDA runtime statically and no torch library, so one
+// build serves every torch release; torch allocates every buffer on the
+// Python side (acnorm_fused/backends/cuda.py).
+
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime_api.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr const char* kModule = "acnorm_fused._cuda";
+
+std::vector<int> archs() {
+  int buffer[64];
+  const int count = acnorm::compiled_archs(buffer, 64);
+  return std::vector<int>(buffer, buffer + (count < 64 ? count : 64));
+}
+
+std::string arch_list() {
+  std::ostringstream out;
+  const std::vector<int> all = archs();
+  for (size_t i = 0; i < all.size(); ++i) out << (i ? ", " : "") << "sm_" << all[i];
+  return out.str();
+}
+
+[[noreturn]] void fail(cudaError_t err, const std::string& what) {
+  std::ostringstream msg;
+  msg << kModule << ": " << what << " failed: " << cudaGetErrorName(err) << " (" << cudaGetErrorString(err) << ")";
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver)
+    msg << "; no usable CUDA GPU on this machine (use backend='torch' or 'triton')";
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction ||
+      err == cudaErrorUnsupportedPtxVersion)
+    msg << "; this build holds kernels for " << arch_list()
+        << ": rebuild with ACNORM_CUDA_ARCHS naming this GPU's compute capability";
+  throw std::runtime_error(msg.str());
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) fail(err, what);
+}
+
+// Makes `device` current for the launches of one call, and restores the
+// caller's device afterwards (torch keeps its own notion of it).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = -1;
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+template <typename T>
+T* ptr(std::uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+acnorm::DType dtype_of(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument(std::string(kModule) + ": dtype code must be 0, 1 or 2");
+  return static_cast<acnorm::DType>(code);
+}
+
+cudaStream_t stream_of(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+void reduce(const acnorm::Geometry& geo, int dtype, int device, std::uintptr_t stream, std::uintptr_t x,
+            std::uintptr_t dy, std::uintptr_t partials, std::uintptr_t aux, int activation, float slope) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_reduce(geo, dtype_of(dtype), ptr<const void>(x), ptr<const void>(dy),
+                              ptr<float>(partials), ptr<const float>(aux), activation, slope, stream_of(stream)),
+        "reduction kernel launch");
+}
+
+void elementwise(const acnorm::Geometry& geo, int dtype, int device, std::uintptr_t stream, std::uintptr_t x,
+                 std::uintptr_t dy, std::uintptr_t out, std::uintptr_t aux, std::uintptr_t coef, int activation,
+                 float slope) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_elementwise(geo, dtype_of(dtype), ptr<const void>(x), ptr<const void>(dy),
+                                   ptr<void>(out), ptr<const float>(aux), ptr<const float>(coef), activation,
+                                   slope, stream_of(stream)),
+        "elementwise kernel launch");
+}
+
+void finalise_forward(int dtype, int device, std::uintptr_t stream, std::uintptr_t partials, int64_t num_splits,
+                      std::uintptr_t x, int64_t pilot_stride, std::uintptr_t affines, std::uintptr_t given_centre,
+                      std::uintptr_t given_mean_rel, std::uintptr_t given_var, std::uintptr_t running_mean,
+                      std::uintptr_t running_var, std::uintptr_t mean, std::uintptr_t invstd,
+                      std::uintptr_t new_mean, std::uintptr_t new_var, std::uintptr_t aux, int64_t channels,
+                      float count, float momentum, float eps, float temperature) {
+  DeviceGuard guard(device);
+  acnorm::FinaliseForwardArgs args{
+      ptr<const float>(partials), num_splits, ptr<const void>(x), pilot_stride, ptr<const float>(affines),
+      ptr<const float>(given_centre), ptr<const float>(given_mean_rel), ptr<const float>(given_var),
+      ptr<const float>(running_mean), ptr<const float>(running_var), ptr<float>(mean), ptr<float>(invstd),
+      ptr<float>(new_mean), ptr<float>(new_var), ptr<float>(aux), channels, count, momentum, eps, temperature};
+  check(acnorm::launch_finalise_forward(args, dtype_of(dtype), stream_of(stream)), "forward finalise launch");
+}
+
+void finalise_backward(int device, std::uintptr_t stream, std::uintptr_t partials, int64_t num_splits,
+                       std::uintptr_t global_sums, std::uintptr_t invstd, std::uintptr_t aux,
+                       std::uintptr_t grad_affine, std::uintptr_t coef, int64_t channels, float count,
+                       bool batch_stats) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_finalise_backward(ptr<const float>(partials), num_splits, ptr<const float>(global_sums),
+                                         ptr<const float>(invstd), ptr<const float>(aux), ptr<float>(grad_affine),
+                                         ptr<float>(coef), channels, count, batch_stats, stream_of(stream)),
+        "backward finalise launch");
+}
+
+void target_grad(int device, std::uintptr_t stream, std::uintptr_t aux, std::uintptr_t grad_affine,
+                 std::uintptr_t grad_target, int64_t channels, float temperature) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_target_grad(ptr<const float>(aux), ptr<const float>(grad_affine), ptr<float>(grad_target),
+                                   channels, temperature, stream_of(stream)),
+        "target gradient launch");
+}
+
+int runtime_version() {
+  int version = 0;
+  check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
+  return version;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "AC-Norm CUDA kernels, called with raw device pointers (see acnorm_fused.backends.cuda).";
+
+  py::class_<acnorm::Geometry>(m, "Geometry", "The input's layout and the split grid of the reduction passes.")
+      .def(py::init([](bool planar, int64_t n, int64_t c, int64_t s, int64_t split_s, int64_t split_n,
+                       int64_t s_chunk, int64_t n_chunk, int64_t splits, int64_t r_chunk, int64_t block_c) {
+             return acnorm::Geometry{planar, n, c, s, split_s, split_n, s_chunk, n_chunk, splits, r_chunk, block_c};
+           }),
+           py::kw_only(), py::arg("planar"), py::arg("n"), py::arg("c"), py::arg("s"), py::arg("split_s"),
+           py::arg("split_n"), py::arg("s_chunk"), py::arg("n_chunk"), py::arg("splits"), py::arg("r_chunk"),
+           py::arg("block_c"))
+      .def_property_readonly("num_splits", &acnorm::Geometry::num_splits);
+
+  m.def("reduce", &reduce, "Statistics partials (dy = 0) or gradient partials of a batch.", py::arg("geometry"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("dy"), py::arg("partials"),
+        py::arg("aux"), py::arg("activation"), py::arg("slope"));
+  m.def("elementwise", &elementwise, "The forward apply (dy = 0) or the input gradient.", py::arg("geometry"),
+        py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("dy"), py::arg("out"),
+        py::arg("aux"), py::arg("coef"), py::arg("activation"), py::arg("slope"));
+  m.def("finalise_forward", &finalise_forward,
+        "Statistics, running statistics, the rows of S and the effective affine, per channel.", py::arg("dtype"),
+        py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("x"),
+        py::arg("pilot_stride"), py::arg("affines"), py::arg("given_centre"), py::arg("given_mean_rel"),
+        py::arg("given_var"), py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("invstd"),
+        py::arg("new_mean"), py::arg("new_var"), py::arg("aux"), py::arg("channels"), py::arg("count"),
+        py::arg("momentum"), py::arg("eps"), py::arg("temperature"));
+  m.def("finalise_backward", &finalise_backward, "dW, dB and the input-gradient coefficients, per channel.",
+        py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("global_sums"),
+        py::arg("invstd"), py::arg("aux"), py::arg("grad_affine"), py::arg("coef"), py::arg("channels"),
+        py::arg("count"), py::arg("batch_stats"));
+  m.def("target_grad", &target_grad, "(I + S)^T [dW; dB].", py::arg("device"), py::arg("stream"), py::arg("aux"),
+        py::arg("grad_affine"), py::arg("grad_target"), py::arg("channels"), py::arg("temperature"));
+  m.def("compiled_archs", &archs, "The SASS targets of this build, e.g. [80, 90].");
+  m.def("runtime_version", &runtime_version, "The CUDA runtime version linked in, e.g. 13000.");
+}

@@ -1,0 +1,183 @@
+// Device helpers shared by the AC-Norm kernels: element types and 16-byte
+// packs, activations, Welford/Chan moments, warp reductions and the entries
+// of the correlation matrix S.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace acnorm {
+
+// Threads of every streaming kernel: 8 warps.
+constexpr int kThreads = 256;
+constexpr int kWarpSize = 32;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Elements of T in one 16-byte global access.
+template <typename T> constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
+
+// WIDTH consecutive elements, read or written as one access when WIDTH * sizeof(T) is 16.
+template <typename T, int WIDTH>
+struct alignas(sizeof(T) * WIDTH) Pack {
+  T v[WIDTH];
+};
+
+template <typename T, int WIDTH>
+__device__ __forceinline__ void load_pack(const T* ptr, float (&out)[WIDTH]) {
+  const Pack<T, WIDTH> pack = *reinterpret_cast<const Pack<T, WIDTH>*>(ptr);
+#pragma unroll
+  for (int k = 0; k < WIDTH; ++k) out[k] = to_float(pack.v[k]);
+}
+
+template <typename T, int WIDTH>
+__device__ __forceinline__ void store_pack(T* ptr, const float (&in)[WIDTH]) {
+  Pack<T, WIDTH> pack;
+#pragma unroll
+  for (int k = 0; k < WIDTH; ++k) pack.v[k] = from_float<T>(in[k]);
+  *reinterpret_cast<Pack<T, WIDTH>*>(ptr) = pack;
+}
+
+// Activation codes, as the Python side numbers them.
+enum Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
+
+__device__ __forceinline__ float activate(float pre, int act, float slope) {
+  if (act == kRelu) return pre > 0.f ? pre : 0.f;
+  if (act == kLeakyRelu) return pre > 0.f ? pre : pre * slope;
+  return pre;
+}
+
+// Gradient with respect to the pre-activation, from the output gradient.
+__device__ __forceinline__ float activation_grad(float grad, float pre, int act, float slope) {
+  if (act == kRelu) return pre > 0.f ? grad : 0.f;
+  if (act == kLeakyRelu) return pre > 0.f ? grad : grad * slope;
+  return grad;
+}
+
+// Count, mean and M2 (sum of squared deviations) of a set of values.
+struct Moments {
+  float n;
+  float mean;
+  float m2;
+};
+
+// Chan's formula: the moments of the union of two disjoint sets. Exact for a
+// large mean against the spread, unlike sums of squares.
+__device__ __forceinline__ Moments merge(const Moments& a, const Moments& b) {
+  const float n = a.n + b.n;
+  const float weight_b = n > 0.f ? b.n / n : 0.f;
+  const float delta = b.mean - a.mean;
+  return {n, a.mean + delta * weight_b, a.m2 + b.m2 + delta * delta * a.n * weight_b};
+}
+
+// The moments of WIDTH values, to be merged as one set.
+template <int WIDTH>
+__device__ __forceinline__ Moments pack_moments(const float (&v)[WIDTH]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int k = 0; k < WIDTH; ++k) sum += v[k];
+  const float mean = sum * (1.f / WIDTH);
+  float m2 = 0.f;
+#pragma unroll
+  for (int k = 0; k < WIDTH; ++k) m2 += (v[k] - mean) * (v[k] - mean);
+  return {static_cast<float>(WIDTH), mean, m2};
+}
+
+__device__ __forceinline__ Moments shuffle_xor(const Moments& m, int lane_mask) {
+  return {__shfl_xor_sync(kFullMask, m.n, lane_mask), __shfl_xor_sync(kFullMask, m.mean, lane_mask),
+          __shfl_xor_sync(kFullMask, m.m2, lane_mask)};
+}
+
+// Butterfly reductions over a warp: every lane ends with the same result,
+// and the order of operations is fixed, so results do not depend on timing.
+__device__ __forceinline__ Moments warp_merge(Moments m) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) m = merge(m, shuffle_xor(m, offset));
+  return m;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
+    v = fmaxf(v, __shfl_xor_sync(kFullMask, v, offset));
+  return v;
+}
+
+// The C x C correlation of SPEC section 2, entry by entry, as the Python
+// module acnorm_fused.correlation and the Triton kernels compute it.
+
+// Channel signature bias / (|weight| + eps).
+__device__ __forceinline__ float signature(float weight, float bias, float eps) {
+  return bias / (fabsf(weight) + eps);
+}
+
+// -|y_t - y_s| / T, rounded as the reference rounds it.
+__device__ __forceinline__ float affinity_logit(float y_target, float y_source, float temperature) {
+  return fabsf(y_target - y_source) / (-temperature);
+}
+
+// Softmax entry A[i, j] from the row's maximum logit and exponential sum.
+// Every kernel computes A with this one expression, so the entries S keeps
+// (those >= the diagonal entry, ties included) agree between them.
+__device__ __forceinline__ float affinity(float y_target, float y_source, float row_max, float row_sum,
+                                          float temperature) {
+  return expf(affinity_logit(y_target, y_source, temperature) - row_max) / row_sum;
+}
+
+// Rows of aux (see acnorm_fused/backends/multipass.py).
+enum AuxRow : int {
+  kScale = 0, kShiftB = 1, kCentreHi = 2, kCentreLo = 3, kSourceSig = 4, kTargetSig = 5,
+  kRowMax = 6, kRowSum = 7,
+};
+
+}  // namespace acnorm
+
+#include "kernels.h"
+
+namespace acnorm {
+
+// Calls f with a value of the element type that dtype names.
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+inline bool is_aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Thread arrangement of the interleaved kernels: lanes_c threads across a
+// block of block_c channels (width channels each), lanes_r rows at a time.
+struct Interleave {
+  int lanes_c, lanes_r, lane_c, lane_r;
+  __device__ Interleave(int block_c, int width)
+      : lanes_c(block_c / width), lanes_r(kThreads / (block_c / width)),
+        lane_c(static_cast<int>(threadIdx.x) % (block_c / width)),
+        lane_r(static_cast<int>(threadIdx.x) / (block_c / width)) {}
+};
+
+}  // namespace acnorm

@@ -1,0 +1,145 @@
+// Elementwise passes over x: the forward apply y = act(pre),
+// pre = ((x - hi) - lo) * scale + B, and the backward
+// dx = scale * act'(pre) * dy + p * ((x - hi) - lo) + q, one kernel per layout.
+//
+// Blocks run in reverse order of the reduction pass that precedes them, so
+// the first tiles they touch are the last the reduction read, still in L2.
+
+#include "common.cuh"
+
+namespace acnorm {
+namespace {
+
+// Packs of 16 bytes a thread of the planar kernel handles per block.
+constexpr int kPlanarPacksPerThread = 4;
+// Rows a thread of the interleaved kernel handles per block.
+constexpr int kInterleavedRowsPerThread = 4;
+
+struct ChannelCoefficients {
+  float scale, bias, hi, lo, p, q;
+};
+
+template <bool GRAD>
+__device__ __forceinline__ ChannelCoefficients coefficients(const float* aux, const float* coef, int64_t C,
+                                                            int64_t channel) {
+  ChannelCoefficients k;
+  k.scale = aux[kScale * C + channel];
+  k.bias = aux[kShiftB * C + channel];
+  k.hi = aux[kCentreHi * C + channel];
+  k.lo = aux[kCentreLo * C + channel];
+  k.p = GRAD ? coef[channel] : 0.f;
+  k.q = GRAD ? coef[C + channel] : 0.f;
+  return k;
+}
+
+template <bool GRAD>
+__device__ __forceinline__ float apply_one(float x, float dy, const ChannelCoefficients& k, int act,
+                                           float slope) {
+  const float centred = (x - k.hi) - k.lo;
+  const float pre = centred * k.scale + k.bias;
+  if (GRAD) return k.scale * activation_grad(dy, pre, act, slope) + k.p * centred + k.q;
+  return activate(pre, act, slope);
+}
+
+// One block per tile of `tile` positions of one (n, c) row; grid rows * tiles_per_row.
+template <typename T, bool GRAD, int WIDTH>
+__global__ void __launch_bounds__(kThreads)
+elementwise_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                          const float* __restrict__ aux, const float* __restrict__ coef, int64_t C,
+                          int64_t S, int64_t tile, int64_t tiles_per_row, int act, float slope) {
+  const int64_t block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t row = block / tiles_per_row;  // n * C + channel
+  const int64_t start = (block - row * tiles_per_row) * tile;
+  const int64_t end = min(start + tile, S);
+  const ChannelCoefficients k = coefficients<GRAD>(aux, coef, C, row % C);
+  const int64_t base = row * S;
+  for (int64_t s = start + threadIdx.x * WIDTH; s < end; s += kThreads * WIDTH) {
+    float v[WIDTH], g[WIDTH];
+    load_pack<T, WIDTH>(x + base + s, v);
+    if (GRAD) load_pack<T, WIDTH>(dy + base + s, g);
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) v[i] = apply_one<GRAD>(v[i], GRAD ? g[i] : 0.f, k, act, slope);
+    store_pack<T, WIDTH>(out + base + s, v);
+  }
+}
+
+// x is a row-major (R, C) matrix; one block per (row block, channel block).
+template <typename T, bool GRAD, int WIDTH>
+__global__ void __launch_bounds__(kThreads)
+elementwise_interleaved_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
+                               const float* __restrict__ aux, const float* __restrict__ coef, int64_t R,
+                               int64_t C, int block_c, int act, float slope) {
+  const Interleave lanes(block_c, WIDTH);
+  const int64_t c_blocks = (C + block_c - 1) / block_c;
+  const int64_t block = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t row_block = block / c_blocks;
+  const int64_t c0 = (block - row_block * c_blocks) * block_c + lanes.lane_c * WIDTH;
+  if (c0 >= C) return;  // C is a multiple of WIDTH: a pack is wholly in or out
+  ChannelCoefficients k[WIDTH];
+#pragma unroll
+  for (int i = 0; i < WIDTH; ++i) k[i] = coefficients<GRAD>(aux, coef, C, c0 + i);
+  const int64_t rows_per_block = static_cast<int64_t>(lanes.lanes_r) * kInterleavedRowsPerThread;
+  const int64_t r_end = min((row_block + 1) * rows_per_block, R);
+  for (int64_t r = row_block * rows_per_block + lanes.lane_r; r < r_end; r += lanes.lanes_r) {
+    float v[WIDTH], g[WIDTH];
+    load_pack<T, WIDTH>(x + r * C + c0, v);
+    if (GRAD) load_pack<T, WIDTH>(dy + r * C + c0, g);
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) v[i] = apply_one<GRAD>(v[i], GRAD ? g[i] : 0.f, k[i], act, slope);
+    store_pack<T, WIDTH>(out + r * C + c0, v);
+  }
+}
+
+template <typename T, int WIDTH>
+cudaError_t launch_elementwise_typed(const Geometry& geo, const T* x, const T* dy, T* out, const float* aux,
+                                     const float* coef, int act, float slope, cudaStream_t stream) {
+  int64_t blocks;
+  if (geo.planar) {
+    // A tile of whole packs, no longer than the row needs.
+    const int64_t step = static_cast<int64_t>(kThreads) * WIDTH;
+    const int64_t tile = min(ceil_div(geo.s, step), static_cast<int64_t>(kPlanarPacksPerThread)) * step;
+    const int64_t tiles_per_row = ceil_div(geo.s, tile);
+    blocks = geo.n * geo.c * tiles_per_row;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    if (dy != nullptr)
+      elementwise_planar_kernel<T, true, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, dy, out, aux, coef, geo.c, geo.s, tile, tiles_per_row, act, slope);
+    else
+      elementwise_planar_kernel<T, false, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, dy, out, aux, coef, geo.c, geo.s, tile, tiles_per_row, act, slope);
+  } else {
+    const int block_c = static_cast<int>(geo.block_c);
+    const int64_t rows_per_block = static_cast<int64_t>(kThreads / (block_c / WIDTH)) * kInterleavedRowsPerThread;
+    blocks = ceil_div(geo.n * geo.s, rows_per_block) * ceil_div(geo.c, geo.block_c);
+    if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+    if (dy != nullptr)
+      elementwise_interleaved_kernel<T, true, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, dy, out, aux, coef, geo.n * geo.s, geo.c, block_c, act, slope);
+    else
+      elementwise_interleaved_kernel<T, false, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+          x, dy, out, aux, coef, geo.n * geo.s, geo.c, block_c, act, slope);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_elementwise(const Geometry& geo, DType dtype, const void* x, const void* dy, void* out,
+                               const float* aux, const float* coef, int activation, float slope,
+                               cudaStream_t stream) {
+  if (geo.block_c > 64) return cudaErrorInvalidConfiguration;
+  return dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int W = pack_width<T>();
+    const bool aligned = is_aligned16(x) && is_aligned16(out) && (dy == nullptr || is_aligned16(dy));
+    const bool whole_packs = geo.planar ? geo.s % W == 0 : geo.c % W == 0 && geo.block_c % W == 0;
+    const T* xt = static_cast<const T*>(x);
+    const T* dyt = static_cast<const T*>(dy);
+    T* outt = static_cast<T*>(out);
+    if (aligned && whole_packs)
+      return launch_elementwise_typed<T, W>(geo, xt, dyt, outt, aux, coef, activation, slope, stream);
+    return launch_elementwise_typed<T, 1>(geo, xt, dyt, outt, aux, coef, activation, slope, stream);
+  });
+}
+
+}  // namespace acnorm

@@ -1,0 +1,15 @@
+// What the library was compiled for, asked from the host.
+
+#include "common.cuh"
+
+namespace acnorm {
+
+int compiled_archs(int* out, int capacity) {
+  // nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) for the host pass too.
+  static constexpr int archs[] = {__CUDA_ARCH_LIST__};
+  const int count = static_cast<int>(sizeof(archs) / sizeof(archs[0]));
+  for (int i = 0; i < count && i < capacity; ++i) out[i] = archs[i] / 10;
+  return count;
+}
+
+}  // namespace acnorm

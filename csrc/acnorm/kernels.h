@@ -1,0 +1,86 @@
+// Host entry points of the AC-Norm kernels. Plain C++ and CUDA runtime types
+// only: no torch header, so the module that binds them links no torch library.
+// Every buffer is allocated by the caller; nothing here allocates memory.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace acnorm {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// The input's layout and the split grid of the reduction passes (see
+// acnorm_fused/backends/geometry.py, which computes it).
+struct Geometry {
+  bool planar;        // contiguous NC(D)HW; else a row-major (N * S, C) matrix
+  int64_t n, c, s;    // samples, channels, spatial positions per sample
+  int64_t split_s;    // planar: splits along S, each s_chunk positions
+  int64_t split_n;    // planar: splits along N, each n_chunk samples
+  int64_t s_chunk;
+  int64_t n_chunk;
+  int64_t splits;     // interleaved: splits along the rows, each r_chunk rows
+  int64_t r_chunk;
+  int64_t block_c;    // interleaved: channels per program (a power of two)
+
+  int64_t num_splits() const { return planar ? split_s * split_n : splits; }
+};
+
+// Statistics partials (dy == nullptr; partials (3, C, splits): count, mean,
+// M2 of x - K, K the channel's first value) or gradient partials (partials
+// (2, C, splits): sums of dy and dy * (x - mean), dy through the activation's
+// derivative); aux is read by the gradient pass only.
+cudaError_t launch_reduce(const Geometry& geo, DType dtype, const void* x, const void* dy,
+                          float* partials, const float* aux, int activation, float slope,
+                          cudaStream_t stream);
+
+// out = act(((x - hi) - lo) * scale + B) when dy == nullptr, else
+// dx = scale * act'(pre) * dy + p * ((x - hi) - lo) + q with coef rows p, q.
+cudaError_t launch_elementwise(const Geometry& geo, DType dtype, const void* x, const void* dy,
+                               void* out, const float* aux, const float* coef, int activation,
+                               float slope, cudaStream_t stream);
+
+struct FinaliseForwardArgs {
+  const float* partials;      // (3, C, num_splits), or nullptr for given statistics
+  int64_t num_splits;
+  const void* x;              // the pilot K of channel c is x[c * pilot_stride]
+  int64_t pilot_stride;
+  const float* affines;       // (4, C): gamma_s, beta_s, gamma_t, beta_t
+  const float* given_centre;  // given statistics: mean = centre (+ mean_rel), var
+  const float* given_mean_rel;  // may be nullptr
+  const float* given_var;
+  const float* running_mean;  // read when new_mean is not nullptr
+  const float* running_var;
+  float* mean;
+  float* invstd;
+  float* new_mean;            // nullptr: the running statistics stay
+  float* new_var;
+  float* aux;                 // (8, C)
+  int64_t channels;
+  float count, momentum, eps, temperature;
+};
+
+cudaError_t launch_finalise_forward(const FinaliseForwardArgs& args, DType dtype, cudaStream_t stream);
+
+// dW, dB into grad_affine (2, C) and the dx coefficients p, q into coef (2, C),
+// from gradient partials (2, C, num_splits) or, for the coefficients, from
+// sums over all processes (global_sums (2, C), may be nullptr).
+cudaError_t launch_finalise_backward(const float* partials, int64_t num_splits, const float* global_sums,
+                                     const float* invstd, const float* aux, float* grad_affine,
+                                     float* coef, int64_t channels, float count, bool batch_stats,
+                                     cudaStream_t stream);
+
+// (I + S)^T [dW; dB] into grad_target (2, C), S recomputed from aux.
+cudaError_t launch_target_grad(const float* aux, const float* grad_affine, float* grad_target,
+                               int64_t channels, float temperature, cudaStream_t stream);
+
+}  // namespace acnorm
+
+namespace acnorm {
+
+// The SASS targets this library was compiled for (e.g. 80, 90), ascending;
+// writes up to capacity of them and returns how many there are.
+int compiled_archs(int* out, int capacity);
+
+}  // namespace acnorm
