@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, benchmark
-from .backends import available_backends, resolve_backend
+from .backends import available_backends, cuda_extension_status, resolve_backend
 
 
 def _module_version(name: str) -> str:
@@ -29,6 +29,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"python       {platform.python_version()} ({platform.platform()})")
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
     print(f"triton       {_module_version('triton')}")
+    print(f"cuda kernels {cuda_extension_status()}")
     print(f"numpy        {_module_version('numpy')}")
     print(f"backends     {', '.join(available_backends())}")
     if cuda:

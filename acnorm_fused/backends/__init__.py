@@ -1,7 +1,7 @@
 """Backend selection.
 
 ``reference`` is the authors' formulation, differentiated by autograd. The
-other backends ("fused" backends: ``torch``, ``triton``) implement the
+other backends ("fused" backends: ``torch``, ``triton``, ``cuda``) implement the
 functions of :mod:`acnorm_fused.backends.pytorch` with the same signatures:
 ``aux_like``, ``forward`` and ``backward``, which run behind the custom ops of
 :mod:`acnorm_fused.ops`, and the steps ``local_statistics``,
@@ -11,6 +11,7 @@ functions of :mod:`acnorm_fused.backends.pytorch` with the same signatures:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import os
@@ -25,8 +26,10 @@ BACKEND_ENV = "ACNORM_BACKEND"
 _FUSED_MODULES = {
     "torch": "acnorm_fused.backends.pytorch",
     "triton": "acnorm_fused.backends.triton",
+    "cuda": "acnorm_fused.backends.cuda",
 }
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# What the kernel backends (triton, cuda) run; float64 stays on torch.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def triton_interpreted() -> bool:
@@ -41,11 +44,37 @@ def _triton_usable() -> bool:
     return _TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
 
 
+@functools.cache
+def _load_cuda_extension() -> tuple[ModuleType | None, str]:
+    try:
+        from .. import _cuda
+    except ImportError as error:
+        return None, str(error)
+    return _cuda, ""
+
+
+def cuda_extension() -> ModuleType | None:
+    """The compiled module ``acnorm_fused._cuda``, or None when this
+    installation was built without it (or it cannot load)."""
+    return _load_cuda_extension()[0]
+
+
+def cuda_extension_status() -> str:
+    """One line on the compiled module: its architectures, or why it is absent."""
+    module, error = _load_cuda_extension()
+    if module is None:
+        return f"not built ({error})"
+    archs = ", ".join(f"sm_{arch}" for arch in module.compiled_archs())
+    return f"built for {archs} ({module.__file__})"
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run on this installation and machine."""
     names = ["reference", "torch"]
     if _triton_usable():
         names.append("triton")
+    if cuda_extension() is not None and torch.cuda.is_available():
+        names.append("cuda")
     return names
 
 
@@ -55,7 +84,7 @@ def _check_triton_input(x: torch.Tensor, caller: str) -> None:
         raise RuntimeError(
             f"{caller}: backend 'triton' needs the triton package (pip install 'acnorm-fused[triton]')"
         )
-    if x.dtype not in TRITON_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         raise TypeError(
             f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
             f"{x.dtype}; use backend='torch' for it"
@@ -68,6 +97,23 @@ def _check_triton_input(x: torch.Tensor, caller: str) -> None:
     )
 
 
+def _check_cuda_input(x: torch.Tensor, caller: str) -> None:
+    """Raise a clear error for an input the cuda backend cannot run."""
+    if cuda_extension() is None:
+        raise RuntimeError(
+            f"{caller}: backend 'cuda' needs the compiled extension acnorm_fused._cuda, which this "
+            f"installation lacks ({_load_cuda_extension()[1]}); install a wheel built for CUDA, or "
+            "build from source with nvcc present: ACNORM_BUILD_CUDA=1 pip install ."
+        )
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
+            f"{x.dtype}; use backend='torch' for it"
+        )
+    if not x.is_cuda:
+        raise RuntimeError(f"{caller}: backend 'cuda' runs CUDA tensors, got a tensor on {x.device}")
+
+
 def validate_backend_name(name: str, caller: str) -> None:
     """Raise a clear error for a backend name that does not exist at all."""
     if name not in BACKENDS:
@@ -78,8 +124,9 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
     """The concrete backend that runs ``x`` for a requested backend ``name``.
 
     ``"auto"`` (or the ``ACNORM_BACKEND`` environment variable, when set)
-    picks the fastest backend for ``x``: the Triton kernels for CUDA tensors of
-    float32, float16 or bfloat16 when triton is installed, else ``torch``. An
+    picks the fastest backend for ``x``: for CUDA tensors of float32, float16
+    or bfloat16 the compiled CUDA kernels when this installation has them,
+    else the Triton kernels when triton is installed; else ``torch``. An
     explicit backend that cannot run ``x`` is an error, never a silent
     fallback.
     """
@@ -90,11 +137,16 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
             validate_backend_name(override, f"{caller} ({BACKEND_ENV})")
             name = override
     if name == "auto":
-        if x.is_cuda and x.dtype in TRITON_DTYPES and _TRITON_INSTALLED:
-            return "triton"
+        if x.is_cuda and x.dtype in KERNEL_DTYPES:
+            if cuda_extension() is not None:
+                return "cuda"
+            if _TRITON_INSTALLED:
+                return "triton"
         return "torch"
     if name == "triton":
         _check_triton_input(x, caller)
+    elif name == "cuda":
+        _check_cuda_input(x, caller)
     elif name not in available_backends():
         raise RuntimeError(
             f"{caller}: backend {name!r} is not available in this installation "

@@ -1,0 +1,107 @@
+"""The ``cuda`` backend: the kernels of ``csrc/``, from the compiled module
+``acnorm_fused._cuda``.
+
+The steps and buffers are those of :mod:`.multipass`, as in the Triton
+backend; :class:`CudaKernels` hands the module raw device pointers, sizes, a
+dtype code, the device index and the current CUDA stream. Torch allocates
+every buffer, and the module links no torch library, so one build of it
+serves every torch release; launches go to the caller's current stream, so
+they are ordered with the surrounding torch work and can be captured in a
+CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import cuda_extension
+from .geometry import Geometry
+from .multipass import MultiPassBackend
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ACTIVATION_CODES = {"": 0, "relu": 1, "leaky_relu": 2}
+
+
+def _pointer(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _f32(t: Tensor) -> Tensor:
+    """Per-channel statistics as the kernels read them: contiguous fp32."""
+    return t.to(torch.float32).contiguous()
+
+
+class CudaKernels:
+    """Launches of the compiled kernels (see :class:`.multipass.PassKernels`)."""
+
+    def __init__(self):
+        self.module = cuda_extension()
+        if self.module is None:
+            raise ImportError("acnorm_fused._cuda is not built in this installation")
+
+    @staticmethod
+    def _place(t: Tensor) -> tuple[int, int]:
+        """``(device index, stream handle)`` of the launches for tensor ``t``."""
+        return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+    def _geometry(self, geo: Geometry):
+        return self.module.Geometry(
+            planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
+            s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.split_s, r_chunk=geo.r_chunk,
+            block_c=geo.block_c)
+
+    def reduce(self, geo: Geometry, x: Tensor, dy: Tensor | None, partials: Tensor,
+               aux: Tensor, activation: str, slope: float) -> None:
+        self.module.reduce(self._geometry(geo), _DTYPE_CODES[x.dtype], *self._place(x), _pointer(x),
+                           _pointer(dy), _pointer(partials), _pointer(aux),
+                           _ACTIVATION_CODES[activation], slope)
+
+    def elementwise(self, geo: Geometry, x: Tensor, dy: Tensor | None, out: Tensor,
+                    aux: Tensor, coef: Tensor, activation: str, slope: float) -> None:
+        self.module.elementwise(self._geometry(geo), _DTYPE_CODES[x.dtype], *self._place(x),
+                                _pointer(x), _pointer(dy), _pointer(out), _pointer(aux), _pointer(coef),
+                                _ACTIVATION_CODES[activation], slope)
+
+    def finalise_forward(
+        self, geo: Geometry, x: Tensor, affines: Tensor, partials: Tensor | None,
+        given: tuple[Tensor, Tensor | None, Tensor] | None, count: float,
+        running_mean: Tensor | None, running_var: Tensor | None, outputs: tuple[Tensor, ...],
+        momentum: float, eps: float, temperature: float,
+    ) -> None:
+        mean, invstd, new_mean, new_var, aux = outputs
+        centre, mean_rel, var = (None, None, None) if given is None else (
+            _f32(given[0]), None if given[1] is None else _f32(given[1]), _f32(given[2]))
+        update = running_mean is not None
+        running_mean = _f32(running_mean) if update else None
+        running_var = _f32(running_var) if update else None
+        self.module.finalise_forward(
+            _DTYPE_CODES[x.dtype], *self._place(x), _pointer(partials), geo.splits, _pointer(x),
+            geo.s if geo.planar else 1, _pointer(affines), _pointer(centre), _pointer(mean_rel),
+            _pointer(var), _pointer(running_mean), _pointer(running_var), _pointer(mean),
+            _pointer(invstd), _pointer(new_mean if update else None),
+            _pointer(new_var if update else None), _pointer(aux), geo.c, count, momentum, eps,
+            temperature)
+
+    def finalise_backward(self, partials: Tensor, global_sums: Tensor | None, invstd: Tensor,
+                          aux: Tensor, grad_affine: Tensor, coef: Tensor, count: float,
+                          use_batch_stats: bool) -> None:
+        self.module.finalise_backward(
+            *self._place(aux), _pointer(partials), partials.shape[2], _pointer(global_sums),
+            _pointer(_f32(invstd)), _pointer(aux), _pointer(grad_affine), _pointer(coef),
+            partials.shape[1], count, use_batch_stats)
+
+    def target_grad(self, aux: Tensor, grad_affine: Tensor, grad_target: Tensor,
+                    temperature: float) -> None:
+        self.module.target_grad(*self._place(aux), _pointer(aux), _pointer(grad_affine),
+                                _pointer(grad_target), aux.shape[1], temperature)
+
+
+_BACKEND = MultiPassBackend(CudaKernels())
+aux_like = _BACKEND.aux_like
+forward = _BACKEND.forward
+backward = _BACKEND.backward
+local_statistics = _BACKEND.local_statistics
+forward_with_statistics = _BACKEND.forward_with_statistics
+grad_sums = _BACKEND.grad_sums
+backward_with_sums = _BACKEND.backward_with_sums
