@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +18,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import acnorm_fused as acn
+from acnorm_fused import backends
+
+ROOT = Path(__file__).resolve().parent.parent
+# Set where the compiled CUDA module must be testable (CI builds it): its
+# absence is then a failure, not a skip.
+EXPECT_CUDA_EXTENSION = os.environ.get("ACNORM_EXPECT_CUDA_EXTENSION", "0") == "1"
 
 # Tolerances of BatchNorm itself per input dtype: (rtol, atol).
 TOLERANCES = {
@@ -121,3 +131,52 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def skip_or_fail(reason: str):
+    """Skip, or fail where ACNORM_EXPECT_CUDA_EXTENSION=1 says the CUDA module must be testable."""
+    if EXPECT_CUDA_EXTENSION:
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+def import_csrc_toolkit():
+    """``csrc/toolkit.py``, which builds the CUDA module."""
+    sys.path.insert(0, str(ROOT / "csrc"))
+    try:
+        import toolkit
+    finally:
+        sys.path.pop(0)
+    return toolkit
+
+
+@pytest.fixture(scope="session")
+def emulated_cuda_module(tmp_path_factory):
+    """``acnorm_fused._cuda`` built from csrc/ for the host emulator: the CUDA
+    kernels' own code, run on CPU tensors."""
+    toolkit = import_csrc_toolkit()
+    directory = tmp_path_factory.mktemp("cuda_emulated")
+    target = directory / f"_cuda{sysconfig.get_config_var('EXT_SUFFIX')}"
+    try:
+        toolkit.build_module(target, directory / "build", emulate=True)
+    except (FileNotFoundError, ImportError) as error:
+        skip_or_fail(f"cannot build the emulated CUDA module: {error}")
+    spec = importlib.util.spec_from_file_location("_cuda", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.emulated
+    return module
+
+
+@pytest.fixture
+def cuda_kernels(request, monkeypatch):
+    """The module behind backend="cuda": the compiled one on a GPU machine, the
+    host emulation of the same sources elsewhere."""
+    if torch.cuda.is_available():
+        module = backends.cuda_extension()
+        if module is None:
+            skip_or_fail("acnorm_fused._cuda is not built in this installation")
+        return module
+    module = request.getfixturevalue("emulated_cuda_module")
+    monkeypatch.setattr(backends, "_load_cuda_extension", lambda: (module, ""))
+    return module

@@ -73,7 +73,8 @@ def available_backends() -> list[str]:
     names = ["reference", "torch"]
     if _triton_usable():
         names.append("triton")
-    if cuda_extension() is not None and torch.cuda.is_available():
+    module = cuda_extension()
+    if module is not None and (torch.cuda.is_available() or module.emulated):
         names.append("cuda")
     return names
 
@@ -110,7 +111,12 @@ def _check_cuda_input(x: torch.Tensor, caller: str) -> None:
             f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
             f"{x.dtype}; use backend='torch' for it"
         )
-    if not x.is_cuda:
+    if getattr(cuda_extension(), "emulated", False):
+        # A build of the kernels for the host emulator (tests without a GPU).
+        if x.device.type != "cpu":
+            raise RuntimeError(f"{caller}: this acnorm_fused._cuda is the host emulation and runs CPU "
+                               f"tensors, got a tensor on {x.device}")
+    elif not x.is_cuda:
         raise RuntimeError(f"{caller}: backend 'cuda' runs CUDA tensors, got a tensor on {x.device}")
 
 
@@ -138,7 +144,7 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
             name = override
     if name == "auto":
         if x.is_cuda and x.dtype in KERNEL_DTYPES:
-            if cuda_extension() is not None:
+            if cuda_extension() is not None and not cuda_extension().emulated:
                 return "cuda"
             if _TRITON_INSTALLED:
                 return "triton"

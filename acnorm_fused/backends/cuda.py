@@ -35,14 +35,19 @@ def _f32(t: Tensor) -> Tensor:
 class CudaKernels:
     """Launches of the compiled kernels (see :class:`.multipass.PassKernels`)."""
 
-    def __init__(self):
-        self.module = cuda_extension()
-        if self.module is None:
-            raise ImportError("acnorm_fused._cuda is not built in this installation")
+    @property
+    def module(self):
+        module = cuda_extension()
+        if module is None:
+            raise RuntimeError("acnorm_fused._cuda is not built in this installation")
+        return module
 
     @staticmethod
     def _place(t: Tensor) -> tuple[int, int]:
-        """``(device index, stream handle)`` of the launches for tensor ``t``."""
+        """``(device index, stream handle)`` of the launches for tensor ``t``
+        (no device for the host emulation's CPU tensors)."""
+        if not t.is_cuda:
+            return -1, 0
         return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
 
     def _geometry(self, geo: Geometry):

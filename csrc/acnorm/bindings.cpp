@@ -51,6 +51,13 @@ void check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) fail(err, what);
 }
 
+#ifdef ACNORM_EMULATE
+// The host emulator runs on CPU memory: there is no device to select.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int) {}
+};
+#else
 // Makes `device` current for the launches of one call, and restores the
 // caller's device afterwards (torch keeps its own notion of it).
 class DeviceGuard {
@@ -69,6 +76,7 @@ class DeviceGuard {
  private:
   int previous_ = -1;
 };
+#endif
 
 template <typename T>
 T* ptr(std::uintptr_t address) {
@@ -145,7 +153,8 @@ int runtime_version() {
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "AC-Norm CUDA kernels, called with raw device pointers (see acnorm_fused.backends.cuda).";
 
-  py::class_<acnorm::Geometry>(m, "Geometry", "The input's layout and the split grid of the reduction passes.")
+  py::class_<acnorm::Geometry>(m, "Geometry", py::module_local(),
+                                "The input's layout and the split grid of the reduction passes.")
       .def(py::init([](bool planar, int64_t n, int64_t c, int64_t s, int64_t split_s, int64_t split_n,
                        int64_t s_chunk, int64_t n_chunk, int64_t splits, int64_t r_chunk, int64_t block_c) {
              return acnorm::Geometry{planar, n, c, s, split_s, split_n, s_chunk, n_chunk, splits, r_chunk, block_c};
@@ -175,5 +184,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("target_grad", &target_grad, "(I + S)^T [dW; dB].", py::arg("device"), py::arg("stream"), py::arg("aux"),
         py::arg("grad_affine"), py::arg("grad_target"), py::arg("channels"), py::arg("temperature"));
   m.def("compiled_archs", &archs, "The SASS targets of this build, e.g. [80, 90].");
+#ifdef ACNORM_EMULATE
+  m.attr("emulated") = true;  // kernels run on the CPU, on host pointers
+#else
+  m.attr("emulated") = false;
+#endif
   m.def("runtime_version", &runtime_version, "The CUDA runtime version linked in, e.g. 13000.");
 }

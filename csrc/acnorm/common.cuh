@@ -4,10 +4,15 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
+#ifdef ACNORM_EMULATE
+#include "emulator.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 namespace acnorm {
 
@@ -164,6 +169,18 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
     case DType::kBFloat16: return f(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
+}
+
+// Launches kernel on stream (or runs it in the host emulator); errors are
+// read afterwards with cudaGetLastError.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+#ifdef ACNORM_EMULATE
+  (void)stream;
+  emulator::run(grid, block, [&] { kernel(std::forward<Args>(args)...); });
+#else
+  kernel<<<grid, block, 0, stream>>>(std::forward<Args>(args)...);
+#endif
 }
 
 inline bool is_aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }

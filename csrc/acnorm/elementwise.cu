@@ -102,10 +102,10 @@ cudaError_t launch_elementwise_typed(const Geometry& geo, const T* x, const T* d
     blocks = geo.n * geo.c * tiles_per_row;
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (dy != nullptr)
-      elementwise_planar_kernel<T, true, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      launch(elementwise_planar_kernel<T, true, WIDTH>, static_cast<unsigned>(blocks), kThreads, stream,
           x, dy, out, aux, coef, geo.c, geo.s, tile, tiles_per_row, act, slope);
     else
-      elementwise_planar_kernel<T, false, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      launch(elementwise_planar_kernel<T, false, WIDTH>, static_cast<unsigned>(blocks), kThreads, stream,
           x, dy, out, aux, coef, geo.c, geo.s, tile, tiles_per_row, act, slope);
   } else {
     const int block_c = static_cast<int>(geo.block_c);
@@ -113,10 +113,10 @@ cudaError_t launch_elementwise_typed(const Geometry& geo, const T* x, const T* d
     blocks = ceil_div(geo.n * geo.s, rows_per_block) * ceil_div(geo.c, geo.block_c);
     if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
     if (dy != nullptr)
-      elementwise_interleaved_kernel<T, true, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      launch(elementwise_interleaved_kernel<T, true, WIDTH>, static_cast<unsigned>(blocks), kThreads, stream,
           x, dy, out, aux, coef, geo.n * geo.s, geo.c, block_c, act, slope);
     else
-      elementwise_interleaved_kernel<T, false, WIDTH><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+      launch(elementwise_interleaved_kernel<T, false, WIDTH>, static_cast<unsigned>(blocks), kThreads, stream,
           x, dy, out, aux, coef, geo.n * geo.s, geo.c, block_c, act, slope);
   }
   return cudaGetLastError();

@@ -162,8 +162,8 @@ unsigned warp_blocks(int64_t channels) {
 cudaError_t launch_finalise_forward(const FinaliseForwardArgs& args, DType dtype, cudaStream_t stream) {
   if (args.channels <= 0) return cudaSuccess;
   return dispatch_dtype(dtype, [&](auto tag) {
-    finalise_forward_kernel<decltype(tag)>
-        <<<warp_blocks(args.channels), kWarpsPerBlock * kWarpSize, 0, stream>>>(args);
+    launch(finalise_forward_kernel<decltype(tag)>, warp_blocks(args.channels), kWarpsPerBlock * kWarpSize,
+           stream, args);
     return cudaGetLastError();
   });
 }
@@ -173,15 +173,15 @@ cudaError_t launch_finalise_backward(const float* partials, int64_t num_splits, 
                                      int64_t channels, float count, bool batch_stats, cudaStream_t stream) {
   if (channels <= 0) return cudaSuccess;
   constexpr int threads = 128;
-  finalise_backward_kernel<<<static_cast<unsigned>(ceil_div(channels, threads)), threads, 0, stream>>>(
-      partials, num_splits, global_sums, invstd, aux, grad_affine, coef, channels, count, batch_stats);
+  launch(finalise_backward_kernel, static_cast<unsigned>(ceil_div(channels, threads)), threads, stream,
+         partials, num_splits, global_sums, invstd, aux, grad_affine, coef, channels, count, batch_stats);
   return cudaGetLastError();
 }
 
 cudaError_t launch_target_grad(const float* aux, const float* grad_affine, float* grad_target, int64_t channels,
                                float temperature, cudaStream_t stream) {
   if (channels <= 0) return cudaSuccess;
-  target_grad_kernel<<<warp_blocks(channels), kWarpsPerBlock * kWarpSize, 0, stream>>>(
+  launch(target_grad_kernel, warp_blocks(channels), kWarpsPerBlock * kWarpSize, stream,
       aux, grad_affine, grad_target, channels, temperature);
   return cudaGetLastError();
 }

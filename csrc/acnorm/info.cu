@@ -5,11 +5,17 @@
 namespace acnorm {
 
 int compiled_archs(int* out, int capacity) {
+#ifdef __CUDA_ARCH_LIST__
   // nvcc defines __CUDA_ARCH_LIST__ (e.g. 800,900) for the host pass too.
   static constexpr int archs[] = {__CUDA_ARCH_LIST__};
   const int count = static_cast<int>(sizeof(archs) / sizeof(archs[0]));
   for (int i = 0; i < count && i < capacity; ++i) out[i] = archs[i] / 10;
   return count;
+#else
+  (void)out;
+  (void)capacity;
+  return 0;  // the host emulator: no GPU code at all
+#endif
 }
 
 }  // namespace acnorm

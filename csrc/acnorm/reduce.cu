@@ -223,19 +223,19 @@ void launch_reduce_typed(const Geometry& geo, const T* x, const T* dy, float* pa
     const dim3 grid(static_cast<unsigned>(geo.c), static_cast<unsigned>(geo.split_s),
                     static_cast<unsigned>(geo.split_n));
     if (dy != nullptr)
-      reduce_planar_kernel<T, true, WIDTH><<<grid, kThreads, 0, stream>>>(
+      launch(reduce_planar_kernel<T, true, WIDTH>, grid, kThreads, stream,
           x, dy, partials, aux, geo.n, geo.c, geo.s, geo.n_chunk, geo.s_chunk, act, slope);
     else
-      reduce_planar_kernel<T, false, WIDTH><<<grid, kThreads, 0, stream>>>(
+      launch(reduce_planar_kernel<T, false, WIDTH>, grid, kThreads, stream,
           x, dy, partials, aux, geo.n, geo.c, geo.s, geo.n_chunk, geo.s_chunk, act, slope);
   } else {
     const dim3 grid(static_cast<unsigned>(ceil_div(geo.c, geo.block_c)), static_cast<unsigned>(geo.splits));
     const int block_c = static_cast<int>(geo.block_c);
     if (dy != nullptr)
-      reduce_interleaved_kernel<T, true, WIDTH><<<grid, kThreads, 0, stream>>>(
+      launch(reduce_interleaved_kernel<T, true, WIDTH>, grid, kThreads, stream,
           x, dy, partials, aux, geo.n * geo.s, geo.c, geo.r_chunk, block_c, act, slope);
     else
-      reduce_interleaved_kernel<T, false, WIDTH><<<grid, kThreads, 0, stream>>>(
+      launch(reduce_interleaved_kernel<T, false, WIDTH>, grid, kThreads, stream,
           x, dy, partials, aux, geo.n * geo.s, geo.c, geo.r_chunk, block_c, act, slope);
   }
 }
