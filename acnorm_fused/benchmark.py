@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import resolve_backend
+from .backends import available_backends, resolve_backend
 from .modules import ACNorm3d
 
 Shape = tuple[int, int, int, int, int]
@@ -54,6 +54,8 @@ CPU_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32), (2, 64, 16, 16, 16), (2, 1
 CPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32),)
 
 IMPLEMENTATIONS = ("reference", "acnorm", "batchnorm")
+# Fused GPU backends; on a GPU the one ``auto`` does not pick is timed too.
+KERNEL_BACKENDS = ("cuda", "triton")
 # Inputs up to this many elements make a launch-bound step on a GPU: they are
 # timed as CUDA graphs, so that Python and launch overheads do not hide the kernels.
 GRAPH_MAX_NUMEL = 1 << 22
@@ -103,13 +105,22 @@ class Result:
         pairs = zip(samples[numerator], samples[denominator])
         return statistics.median(a / b for a, b in pairs)
 
-    @property
-    def copy_bandwidth_fraction(self) -> float:
-        """Bytes of the minimal fused step over its time, against the copy bandwidth."""
-        if self.copy_ms is None or "acnorm" not in self.samples_ms:
+    def bandwidth_fraction(self, name: str = "acnorm") -> float:
+        """Bytes of the minimal fused step over layer ``name``'s step time, against
+        the copy bandwidth."""
+        if self.copy_ms is None or name not in self.samples_ms:
             return float("nan")
         # A copy moves 2 bytes per element and byte of element size.
-        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.times_ms["acnorm"]
+        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.times_ms[name]
+
+    @property
+    def copy_bandwidth_fraction(self) -> float:
+        return self.bandwidth_fraction("acnorm")
+
+    @property
+    def other_kernels(self) -> list[str]:
+        """Layers of the kernel backends that ``auto`` did not pick, timed beside it."""
+        return sorted(name for name in self.samples_ms if name.startswith("acnorm-"))
 
     @property
     def reference_over_acnorm(self) -> float:
@@ -159,8 +170,10 @@ def reuse_freed_memory() -> bool:
     return ok and libc.mallopt(m_trim_threshold, 4 * largest_cached) == 1
 
 
-def make_layers(channels: int, device: torch.device, seed: int = 0) -> dict[str, nn.Module]:
-    """The three layers, with a realistic finetuning state (source != target)."""
+def make_layers(channels: int, device: torch.device, seed: int = 0,
+                other_kernels: Sequence[str] = ()) -> dict[str, nn.Module]:
+    """The three layers, with a realistic finetuning state (source != target),
+    and an ``acnorm-<backend>`` layer for each of ``other_kernels``."""
     generator = torch.Generator().manual_seed(seed)
     source_w = 0.5 + torch.rand(channels, generator=generator)
     source_b = 0.2 * torch.randn(channels, generator=generator)
@@ -169,6 +182,8 @@ def make_layers(channels: int, device: torch.device, seed: int = 0) -> dict[str,
         "acnorm": ACNorm3d(channels, backend="auto"),
         "batchnorm": nn.BatchNorm3d(channels),
     }
+    for backend in other_kernels:
+        layers[f"acnorm-{backend}"] = ACNorm3d(channels, backend=backend)
     with torch.no_grad():
         for layer in layers.values():
             layer.weight.copy_(source_w)
@@ -284,7 +299,10 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
     import triton.testing
 
     x, grad = make_input(case, device)
-    layers = make_layers(case.shape[1], device)
+    backend = resolve_backend("auto", x, "acnorm bench")
+    # The kernel backend auto did not pick is timed beside it, when it can run.
+    others = [b for b in KERNEL_BACKENDS if b != backend and b in available_backends()]
+    layers = make_layers(case.shape[1], device, other_kernels=others)
     if compile_reference:
         compiled = copy.deepcopy(layers["reference"])
         layers["compiled"] = torch.compile(compiled, dynamic=True)
@@ -301,8 +319,7 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
         def timer(fn):
             return triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
 
-    result = Result(case, backend=resolve_backend("auto", x, "acnorm bench"),
-                    timer="do_bench_cudagraph" if graph else "do_bench, L2 flushed")
+    result = Result(case, backend=backend, timer="do_bench_cudagraph" if graph else "do_bench, L2 flushed")
     result.samples_ms = {name: [] for name in steps}
     result.forward_samples_ms = {name: [] for name in forwards}
     for _ in range(rounds):
@@ -390,7 +407,8 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
     lines = [
         "Forward (fwd) and one training step (step = forward + backward) of: `ref`, the "
         "authors' two-BatchNorm formulation; `compiled`, torch.compile of it; `acnorm`, "
-        "acnorm_fused with backend=auto; `bn`, nn.BatchNorm3d. Times are medians in ms "
+        "acnorm_fused with backend=auto; `acnorm-<backend>`, the other kernel backend, "
+        "timed beside it; `bn`, nn.BatchNorm3d. Times are medians in ms "
         "(timer per row: do_bench with the L2 flushed, or do_bench_cudagraph for "
         "launch-bound inputs). `% copy bw`: the bytes of a minimal fused step "
         f"({MIN_STEP_TRAFFIC} per element and byte of element size) over its time, against "
@@ -399,11 +417,19 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
         "",
         "| shape | dtype | layout | backend | timer | fwd ref | fwd compiled | fwd acnorm | fwd bn "
         "| step ref | step compiled | step acnorm | step bn | ref / acnorm | compiled / acnorm "
-        "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn |",
+        "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn ",
         "|---|---|---|---|---|" + "---:|" * 15,
     ]
+    others = sorted({name for r in results for name in r.other_kernels})
+    for name in others:
+        lines[2] += f"| step {name} | {name} / bn | compiled / {name} | % copy bw {name} "
+        lines[3] += "---:|" * 4
+    lines[2] += "|"
     for r in results:
         f, t = r.forward_samples_ms, r.samples_ms
+        extra = "".join(
+            f"| {_ms(t, name)} | {r.ratio(name, 'batchnorm'):.2f} | {r.ratio('compiled', name):.2f} "
+            f"| {100 * r.bandwidth_fraction(name):.0f} " for name in others)
         lines.append(
             f"| {'x'.join(map(str, r.case.shape))} | {r.case.dtype} | {r.case.layout} | {r.backend} "
             f"| {r.timer} | {_ms(f, 'reference')} | {_ms(f, 'compiled')} | {_ms(f, 'acnorm')} "
@@ -411,7 +437,7 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
             f"| {_ms(t, 'acnorm')} | {_ms(t, 'batchnorm')} | {r.reference_over_acnorm:.2f} "
             f"| {r.ratio('compiled', 'acnorm'):.2f} | {r.acnorm_over_batchnorm:.2f} "
             f"| {r.ratio('acnorm', 'batchnorm', forward=True):.2f} "
-            f"| {100 * r.copy_bandwidth_fraction:.0f} | {r.memory_acnorm_over_batchnorm:.3f} |"
+            f"| {100 * r.copy_bandwidth_fraction:.0f} | {r.memory_acnorm_over_batchnorm:.3f} {extra}|"
         )
     return lines
 

@@ -144,3 +144,28 @@ def build_module(target: Path, build_dir: Path, archs: str | None = None, emulat
 def module_sources() -> list[Path]:
     """Every file the module is built from (for rebuild checks and sdists)."""
     return sorted(p for p in SOURCES.iterdir() if p.suffix in {".cu", ".cuh", ".h", ".cpp"})
+
+
+def needed_libraries(path: Path) -> list[str]:
+    """The shared libraries an ELF64 little-endian file names in DT_NEEDED."""
+    import struct
+
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ValueError(f"{path} is not a little-endian ELF64 file")
+    section_offset, = struct.unpack_from("<Q", data, 0x28)
+    entry_size, count = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    needed = []
+    for _name, kind, _flags, _addr, offset, size, link, _info, _align, _entsize in sections:
+        if kind != 6:  # SHT_DYNAMIC
+            continue
+        strings = sections[link][4]
+        for position in range(offset, offset + size, 16):
+            tag, value = struct.unpack_from("<qQ", data, position)
+            if tag == 0:
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strings + value)
+                needed.append(data[strings + value:end].decode())
+    return needed

@@ -99,9 +99,10 @@ def test_bench_sync_processes_needs_two(capsys):
 def test_cuda_benchmark_path_runs_with_stand_in_timers(monkeypatch):
     """``run_case_cuda`` end to end on the CPU, with do_bench replaced by a stand-in
     that runs the step and reports a fixed time per layer: the rounds, ratios,
-    copy time and memory come out as the GPU table expects them."""
+    copy time and memory come out as the GPU table expects them. Under the
+    interpreter triton can run CPU tensors, so it is timed beside ``auto``'s pick."""
     testing = pytest.importorskip("triton.testing")
-    fixed_ms = iter([3.0, 1.5, 1.0, 0.5, 2.0, 1.0] * 2 + [0.25])
+    fixed_ms = iter([3.0, 1.5, 1.0, 0.5, 2.0, 1.0, 4.0, 2.0] * 2 + [0.25])
 
     def stand_in(fn, **kwargs):
         fn()
@@ -112,8 +113,16 @@ def test_cuda_benchmark_path_runs_with_stand_in_timers(monkeypatch):
     case = benchmark.Case((2, 4, 3, 3, 3))
     result = benchmark.run_case_cuda(case, torch.device("cpu"), rounds=2, rep_ms=10, compile_reference=False)
     assert result.timer == "do_bench, L2 flushed"
-    assert result.samples_ms == {"reference": [3.0, 3.0], "acnorm": [1.0, 1.0], "batchnorm": [2.0, 2.0]}
-    assert result.forward_samples_ms == {"reference": [1.5, 1.5], "acnorm": [0.5, 0.5], "batchnorm": [1.0, 1.0]}
+    assert result.samples_ms == {"reference": [3.0, 3.0], "acnorm": [1.0, 1.0], "batchnorm": [2.0, 2.0],
+                                 "acnorm-triton": [4.0, 4.0]}
+    assert result.forward_samples_ms == {"reference": [1.5, 1.5], "acnorm": [0.5, 0.5], "batchnorm": [1.0, 1.0],
+                                         "acnorm-triton": [2.0, 2.0]}
     assert result.reference_over_acnorm == 3.0 and result.acnorm_over_batchnorm == 0.5
     assert result.copy_ms == 0.25 and result.copy_bandwidth_fraction == 1.0
+    assert result.other_kernels == ["acnorm-triton"]
+    assert result.bandwidth_fraction("acnorm-triton") == 0.25
     assert set(result.peak_bytes) == set(benchmark.IMPLEMENTATIONS)
+    header, _, row = benchmark._gpu_table([result])[2:5]
+    assert "| step acnorm-triton | acnorm-triton / bn |" in header
+    assert header.count("|") == row.count("|")
+    assert row.rstrip().endswith("| 4.000 | 2.00 | nan | 25 |")

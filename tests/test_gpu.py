@@ -1,4 +1,9 @@
-"""AC-Norm on a CUDA device against the float64 reference on the CPU (skipped without a GPU)."""
+"""AC-Norm on a CUDA device against the float64 reference (skipped without a GPU).
+
+The kernel backends (triton, and cuda when acnorm_fused._cuda is built) run
+the shapes of the benchmark table; the compiled CUDA module is also checked
+on a non-default stream, on a second GPU when there is one, and under CUDA
+graph capture."""
 
 from __future__ import annotations
 
@@ -17,10 +22,20 @@ from conftest import assert_close, make_layer, random_input
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+KERNEL_BACKENDS = ["triton", "cuda"]
+
+
+@pytest.fixture
+def kernels(request):
+    """Makes sure the kernel backend named by the test's ``backend`` can run."""
+    if request.getfixturevalue("backend") == "cuda":
+        request.getfixturevalue("cuda_kernels")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", *KERNEL_BACKENDS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
-def test_cuda_training_step_matches_reference(backend, dtype, memory_format):
+def test_cuda_training_step_matches_reference(backend, dtype, memory_format, kernels):
     layer = make_layer(acn.ACNorm3d, 8, seed=1, backend=backend, activation="relu")
     reference = copy.deepcopy(layer).double()
     reference.backend = "reference"
@@ -69,9 +84,10 @@ BENCH_CASES = [(shape, torch.contiguous_format) for shape in benchmark.GPU_SHAPE
 @pytest.mark.parametrize("shape,memory_format", BENCH_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in BENCH_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_on_benchmark_shapes_matches_reference(shape, memory_format, dtype):
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_on_benchmark_shapes_match_reference(shape, memory_format, dtype, backend, kernels):
     """The shapes of the benchmark table: the fused step against the float64 reference on the GPU."""
-    layer = make_layer(acn.ACNorm3d, shape[1], seed=30, backend="triton", activation="relu").cuda()
+    layer = make_layer(acn.ACNorm3d, shape[1], seed=30, backend=backend, activation="relu").cuda()
     reference = copy.deepcopy(layer).double()
     reference.backend = "reference"
     generator = torch.Generator(device="cuda").manual_seed(31)
@@ -99,11 +115,12 @@ def test_triton_on_benchmark_shapes_matches_reference(shape, memory_format, dtyp
 
 
 @pytest.mark.slow
-def test_triton_indexes_past_two_to_the_31():
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_index_past_two_to_the_31(backend, kernels):
     """A bf16 input of more than 2^31 elements: the second channel ends past
     element 2^31, so 32-bit offsets would wrap."""
     shape = (1, 2, 1024, 1024, 1025)
-    layer = make_layer(acn.ACNorm3d, 2, seed=32, backend="triton").cuda()
+    layer = make_layer(acn.ACNorm3d, 2, seed=32, backend=backend).cuda()
     generator = torch.Generator(device="cuda").manual_seed(33)
     x = torch.randn(shape, generator=generator, device="cuda", dtype=torch.bfloat16)
     x[:, 1] = x[:, 1] * 0.5 + 5.0
@@ -119,3 +136,100 @@ def test_triton_indexes_past_two_to_the_31():
     tail = channel[-2:].double()
     expected = (tail - mean) * torch.rsqrt(var + layer.eps) * w_eff[1].double() + b_eff[1].double()
     _assert_relative(out[0, 1, -2:], expected.detach(), 2e-2)
+
+
+def _train_step(layer, x, grad):
+    """Output, input gradient and target-weight gradient of one training step."""
+    xi = x.detach().requires_grad_()
+    out = layer(xi)
+    out.backward(grad)
+    return out.detach(), xi.grad, layer.weight_target.grad.clone()
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_triton(memory_format, dtype, cuda_kernels):
+    """The two kernel backends agree with each other far closer than with the
+    dtype's tolerance: same algorithm, fp32 accumulation in both."""
+    shape = (2, 64, 24, 20, 18)
+    generator = torch.Generator(device="cuda").manual_seed(40)
+    x = (3.0 + torch.randn(shape, generator=generator, device="cuda")).to(dtype)
+    x = x.contiguous(memory_format=memory_format)
+    grad = torch.randn(shape, generator=generator, device="cuda").to(dtype).contiguous(memory_format=memory_format)
+    results = {}
+    for backend in KERNEL_BACKENDS:
+        layer = make_layer(acn.ACNorm3d, shape[1], seed=41, backend=backend, activation="leaky_relu").cuda()
+        results[backend] = (*_train_step(layer, x, grad), layer.running_var)
+    for got, expected in zip(results["cuda"], results["triton"]):
+        _assert_relative(got, expected, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_cuda_on_a_non_default_stream(cuda_kernels):
+    """Work queued on a side stream stays ordered with the kernels: the result
+    matches the same step on the default stream."""
+    layer = make_layer(acn.ACNorm3d, 16, seed=42, backend="cuda").cuda()
+    x = random_input((2, 16, 20, 20, 20), 43).cuda()
+    grad = random_input(x.shape, 44).cuda()
+    expected = _train_step(copy.deepcopy(layer), x, grad)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        x_side = x * 1.0  # produced on the side stream, consumed there at once
+        got = _train_step(layer, x_side, grad)
+    torch.cuda.current_stream().wait_stream(side)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+def test_cuda_on_a_second_device(cuda_kernels):
+    """A tensor on cuda:1 while cuda:0 is current: launches go to its device,
+    and the caller's current device is left as it was."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    layer = make_layer(acn.ACNorm3d, 8, seed=45, backend="cuda")
+    x = random_input((2, 8, 6, 7, 9), 46)
+    grad = random_input(x.shape, 47)
+    expected = _train_step(copy.deepcopy(layer).cuda(0), x.cuda(0), grad.cuda(0))
+    torch.cuda.set_device(0)
+    got = _train_step(layer.cuda(1), x.cuda(1), grad.cuda(1))
+    assert torch.cuda.current_device() == 0
+    assert got[0].device == torch.device("cuda", 1)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b.cpu())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernels_under_cuda_graph_capture(backend, kernels):
+    """A captured training step replays to the eager step's results."""
+    layer = make_layer(acn.ACNorm3d, 16, seed=48, backend=backend, activation="relu").cuda()
+    eager = copy.deepcopy(layer)
+    x = random_input((2, 16, 12, 12, 12), 49).cuda()
+    grad = random_input(x.shape, 50).cuda()
+    static_x = x.clone().requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        layer(static_x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    warm = copy.deepcopy(layer)
+    static_x.grad = None
+    layer.weight_target.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = layer(static_x)
+        static_out.backward(grad)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _train_step(eager, x, grad)
+    _, _, _ = _train_step(warm, x, grad)  # the warm-up step moved the running statistics once
+    torch.testing.assert_close(static_out, expected[0])
+    torch.testing.assert_close(static_x.grad, expected[1])
+    torch.testing.assert_close(layer.running_mean, warm.running_mean)
+
+
+def test_compiled_module_holds_this_gpus_code(cuda_kernels):
+    major, minor = torch.cuda.get_device_capability()
+    archs = cuda_kernels.compiled_archs()
+    assert archs, "the compiled module lists no architecture"
+    assert 10 * major + minor in archs or max(archs) < 10 * major + minor, (
+        f"built for {archs}, the GPU is sm_{major}{minor}")
