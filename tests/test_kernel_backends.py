@@ -147,6 +147,15 @@ def test_channels_last_in_whole_packs(backend, dtype, tiles):
     _compare(backend, layer, (2, 72, 3, 5), dtype, torch.channels_last)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 2, 10, 12, 20), (2, 2, 9, 11, 21)], ids=["whole_packs", "odd"])
+def test_long_rows(backend, dtype, shape):
+    """Rows of 2400 and 2079 positions: the planar elementwise passes give a
+    thread several packs (or scalars) of a row, the last block partly empty."""
+    layer = make_layer(acn.ACNorm3d, 2, seed=26, activation="leaky_relu")
+    _compare(backend, layer, shape, dtype, steps=1)
+
+
 def test_large_mean_small_spread(backend):
     """CT-like intensities: mean 1e3, std 1e-2. A sum of squares loses the
     variance entirely in fp32; the merged Welford partials keep it."""

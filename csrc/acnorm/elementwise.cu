@@ -41,7 +41,8 @@ __device__ __forceinline__ float apply_one(float x, float dy, const ChannelCoeff
   return activate(pre, act, slope);
 }
 
-// One block per tile of `tile` positions of one (n, c) row; grid rows * tiles_per_row.
+// One block per tile of `tile` positions (at most kPlanarPacksPerThread packs
+// per thread) of one (n, c) row; grid rows * tiles_per_row.
 template <typename T, bool GRAD, int WIDTH>
 __global__ void __launch_bounds__(kThreads)
 elementwise_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ out,
@@ -53,13 +54,25 @@ elementwise_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* 
   const int64_t end = min(start + tile, S);
   const ChannelCoefficients k = coefficients<GRAD>(aux, coef, C, row % C);
   const int64_t base = row * S;
-  for (int64_t s = start + threadIdx.x * WIDTH; s < end; s += kThreads * WIDTH) {
-    float v[WIDTH], g[WIDTH];
-    load_pack<T, WIDTH>(x + base + s, v);
-    if (GRAD) load_pack<T, WIDTH>(dy + base + s, g);
+  // All of a thread's loads are issued before any result is computed, so
+  // that each thread keeps several 16-byte requests in flight.
+  float v[kPlanarPacksPerThread][WIDTH], g[kPlanarPacksPerThread][WIDTH];
 #pragma unroll
-    for (int i = 0; i < WIDTH; ++i) v[i] = apply_one<GRAD>(v[i], GRAD ? g[i] : 0.f, k, act, slope);
-    store_pack<T, WIDTH>(out + base + s, v);
+  for (int p = 0; p < kPlanarPacksPerThread; ++p) {
+    const int64_t s = start + (static_cast<int64_t>(p) * kThreads + threadIdx.x) * WIDTH;
+    if (s < end) {
+      load_pack<T, WIDTH>(x + base + s, v[p]);
+      if (GRAD) load_pack<T, WIDTH>(dy + base + s, g[p]);
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < kPlanarPacksPerThread; ++p) {
+    const int64_t s = start + (static_cast<int64_t>(p) * kThreads + threadIdx.x) * WIDTH;
+    if (s < end) {
+#pragma unroll
+      for (int i = 0; i < WIDTH; ++i) v[p][i] = apply_one<GRAD>(v[p][i], GRAD ? g[p][i] : 0.f, k, act, slope);
+      store_pack<T, WIDTH>(out + base + s, v[p]);
+    }
   }
 }
 

@@ -96,7 +96,9 @@ reduce_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* _
   float sum_dy = 0.f, sum_dy_xmu = 0.f;
   for (int64_t n = n_start; n < n_end; ++n) {
     const int64_t row = (n * C + channel) * S;
-    // Chunk bounds are multiples of WIDTH: every access is whole.
+    // Chunk bounds are multiples of WIDTH: every access is whole. Unrolled so
+    // that several 16-byte loads per thread are in flight.
+#pragma unroll 4
     for (int64_t s = s_start + threadIdx.x * WIDTH; s < s_end; s += kThreads * WIDTH) {
       float v[WIDTH];
       load_pack<T, WIDTH>(x + row + s, v);
@@ -155,6 +157,8 @@ reduce_interleaved_kernel(const T* __restrict__ x, const T* __restrict__ dy, flo
     if (active) k[i] = channel_constants<T, GRAD>(x, aux, C, c0 + i, c0 + i);  // row 0 holds the pilots
   }
   if (active) {
+    // Each step already holds WIDTH channels' state; two steps in flight suffice.
+#pragma unroll 2
     for (int64_t r = r_start + lanes.lane_r; r < r_end; r += lanes.lanes_r) {
       float v[WIDTH];
       load_pack<T, WIDTH>(x + r * C + c0, v);
