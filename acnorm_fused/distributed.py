@@ -132,7 +132,7 @@ def sync_ac_norm(
     if name == "reference":
         raise ValueError(
             f"{caller}: the reference backend cannot share statistics between processes; "
-            "use backend 'auto', 'torch' or 'triton'"
+            "use backend 'auto', 'torch', 'triton' or 'cuda'"
         )
     affines = stack_affines(weight, bias, weight_target, bias_target)
     check_finite_affines(caller, affines)

@@ -48,8 +48,19 @@ def _case_data(name: str, step: int):
     return random_input(shape, 100 + step, mean=float(step)), random_input(shape, 200 + step)
 
 
-def _run_cases(rank: int, world: int, init_file: str, out_dir: str, names: list[str], backend: str) -> None:
-    """One process: run every case on its slice of each batch, save the results."""
+def _run_cases(rank: int, world: int, init_file: str, out_dir: str, names: list[str], backend: str,
+               cuda_module: str | None) -> None:
+    """One process: run every case on its slice of each batch, save the results;
+    ``cuda_module`` is the file of a CUDA module to run backend "cuda" with."""
+    if cuda_module is not None:
+        import importlib.util
+
+        from acnorm_fused import backends
+
+        spec = importlib.util.spec_from_file_location("_cuda", cuda_module)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        backends._load_cuda_extension = lambda: (module, "")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         results = {}
@@ -77,9 +88,10 @@ def _run_cases(rank: int, world: int, init_file: str, out_dir: str, names: list[
         dist.destroy_process_group()
 
 
-def _spawn(world: int, names: list[str], backend: str, tmp_path: Path) -> list[dict]:
+def _spawn(world: int, names: list[str], backend: str, tmp_path: Path, cuda_module: str | None = None) -> list[dict]:
     init_file = tmp_path / "init"
-    mp.spawn(_run_cases, args=(world, str(init_file), str(tmp_path), names, backend), nprocs=world, join=True)
+    mp.spawn(_run_cases, args=(world, str(init_file), str(tmp_path), names, backend, cuda_module), nprocs=world,
+             join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
@@ -136,6 +148,15 @@ def test_two_processes_triton_kernels(tmp_path):
         pytest.skip("the processes hold CPU tensors; on a GPU machine they would need the interpreter")
     names = ["3d-relu-2proc"]
     _check(names, _spawn(2, names, "triton", tmp_path))
+
+
+@pytest.mark.interpret
+def test_two_processes_cuda_kernels(tmp_path, emulated_cuda_module):
+    """The same through the CUDA kernels (their host emulation, on the CPU)."""
+    if torch.cuda.is_available():
+        pytest.skip("the processes hold CPU tensors, which only the host emulation runs")
+    names = ["3d-relu-2proc", "cma-single-update-2proc"]
+    _check(names, _spawn(2, names, "cuda", tmp_path, emulated_cuda_module.__file__))
 
 
 def test_without_process_group_it_is_plain_acnorm():
