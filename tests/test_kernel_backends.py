@@ -376,11 +376,10 @@ def test_fused_backends_share_one_contract():
     import inspect
 
     from acnorm_fused.backends import fused_backend
+    from acnorm_fused.backends.multipass import CONTRACT
 
-    contract = ("aux_like", "forward", "backward", "local_statistics", "forward_with_statistics",
-                "grad_sums", "backward_with_sums")
     torch_backend = fused_backend("torch")
-    for name in contract:
+    for name in CONTRACT:
         expected = list(inspect.signature(getattr(torch_backend, name)).parameters)
         for kernels in ("triton", "cuda"):
             assert list(inspect.signature(getattr(fused_backend(kernels), name)).parameters) == expected, name

@@ -102,11 +102,5 @@ class CudaKernels:
                                 _pointer(grad_target), aux.shape[1], temperature)
 
 
-_BACKEND = MultiPassBackend(CudaKernels())
-aux_like = _BACKEND.aux_like
-forward = _BACKEND.forward
-backward = _BACKEND.backward
-local_statistics = _BACKEND.local_statistics
-forward_with_statistics = _BACKEND.forward_with_statistics
-grad_sums = _BACKEND.grad_sums
-backward_with_sums = _BACKEND.backward_with_sums
+# aux_like, forward, backward, ...: the contract of backends/pytorch.py.
+globals().update(MultiPassBackend(CudaKernels()).contract())

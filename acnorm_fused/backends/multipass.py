@@ -38,6 +38,9 @@ from ..statistics import MOMENT_ROWS, merge_moments
 from .geometry import Geometry, geometry
 
 AUX_ROWS = 8
+# The functions every fused backend module provides (see backends/pytorch.py).
+CONTRACT = ("aux_like", "forward", "backward", "local_statistics", "forward_with_statistics",
+            "grad_sums", "backward_with_sums")
 
 
 class PassKernels(Protocol):
@@ -284,3 +287,8 @@ class MultiPassBackend:
             geometry(x), _grad_like_x(grad_out, x), x, invstd, aux,
             local_sums[:, :, None].contiguous(), global_sums.contiguous(), count, True,
             temperature, activation, negative_slope)
+
+    def contract(self) -> dict:
+        """The functions of :data:`CONTRACT`, bound to this backend, for a
+        backend module's namespace."""
+        return {name: getattr(self, name) for name in CONTRACT}
