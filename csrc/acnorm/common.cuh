@@ -42,8 +42,13 @@ struct alignas(sizeof(T) * WIDTH) Pack {
 };
 
 template <typename T, int WIDTH>
+__device__ __forceinline__ Pack<T, WIDTH> read_pack(const T* ptr) {
+  return *reinterpret_cast<const Pack<T, WIDTH>*>(ptr);
+}
+
+template <typename T, int WIDTH>
 __device__ __forceinline__ void load_pack(const T* ptr, float (&out)[WIDTH]) {
-  const Pack<T, WIDTH> pack = *reinterpret_cast<const Pack<T, WIDTH>*>(ptr);
+  const Pack<T, WIDTH> pack = read_pack<T, WIDTH>(ptr);
 #pragma unroll
   for (int k = 0; k < WIDTH; ++k) out[k] = to_float(pack.v[k]);
 }

@@ -55,23 +55,26 @@ elementwise_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* 
   const ChannelCoefficients k = coefficients<GRAD>(aux, coef, C, row % C);
   const int64_t base = row * S;
   // All of a thread's loads are issued before any result is computed, so
-  // that each thread keeps several 16-byte requests in flight.
-  float v[kPlanarPacksPerThread][WIDTH], g[kPlanarPacksPerThread][WIDTH];
+  // that each thread keeps several 16-byte requests in flight; the packs stay
+  // in their storage type until used, half the registers for fp16/bf16.
+  Pack<T, WIDTH> xs[kPlanarPacksPerThread], dys[kPlanarPacksPerThread];
 #pragma unroll
   for (int p = 0; p < kPlanarPacksPerThread; ++p) {
     const int64_t s = start + (static_cast<int64_t>(p) * kThreads + threadIdx.x) * WIDTH;
     if (s < end) {
-      load_pack<T, WIDTH>(x + base + s, v[p]);
-      if (GRAD) load_pack<T, WIDTH>(dy + base + s, g[p]);
+      xs[p] = read_pack<T, WIDTH>(x + base + s);
+      if (GRAD) dys[p] = read_pack<T, WIDTH>(dy + base + s);
     }
   }
 #pragma unroll
   for (int p = 0; p < kPlanarPacksPerThread; ++p) {
     const int64_t s = start + (static_cast<int64_t>(p) * kThreads + threadIdx.x) * WIDTH;
     if (s < end) {
+      float result[WIDTH];
 #pragma unroll
-      for (int i = 0; i < WIDTH; ++i) v[p][i] = apply_one<GRAD>(v[p][i], GRAD ? g[p][i] : 0.f, k, act, slope);
-      store_pack<T, WIDTH>(out + base + s, v[p]);
+      for (int i = 0; i < WIDTH; ++i)
+        result[i] = apply_one<GRAD>(to_float(xs[p].v[i]), GRAD ? to_float(dys[p].v[i]) : 0.f, k, act, slope);
+      store_pack<T, WIDTH>(out + base + s, result);
     }
   }
 }
@@ -91,15 +94,27 @@ elementwise_interleaved_kernel(const T* __restrict__ x, const T* __restrict__ dy
   ChannelCoefficients k[WIDTH];
 #pragma unroll
   for (int i = 0; i < WIDTH; ++i) k[i] = coefficients<GRAD>(aux, coef, C, c0 + i);
-  const int64_t rows_per_block = static_cast<int64_t>(lanes.lanes_r) * kInterleavedRowsPerThread;
-  const int64_t r_end = min((row_block + 1) * rows_per_block, R);
-  for (int64_t r = row_block * rows_per_block + lanes.lane_r; r < r_end; r += lanes.lanes_r) {
-    float v[WIDTH], g[WIDTH];
-    load_pack<T, WIDTH>(x + r * C + c0, v);
-    if (GRAD) load_pack<T, WIDTH>(dy + r * C + c0, g);
+  const int64_t first_row = row_block * lanes.lanes_r * kInterleavedRowsPerThread + lanes.lane_r;
+  // Loads first, as in the planar kernel.
+  Pack<T, WIDTH> xs[kInterleavedRowsPerThread], dys[kInterleavedRowsPerThread];
 #pragma unroll
-    for (int i = 0; i < WIDTH; ++i) v[i] = apply_one<GRAD>(v[i], GRAD ? g[i] : 0.f, k[i], act, slope);
-    store_pack<T, WIDTH>(out + r * C + c0, v);
+  for (int p = 0; p < kInterleavedRowsPerThread; ++p) {
+    const int64_t r = first_row + static_cast<int64_t>(p) * lanes.lanes_r;
+    if (r < R) {
+      xs[p] = read_pack<T, WIDTH>(x + r * C + c0);
+      if (GRAD) dys[p] = read_pack<T, WIDTH>(dy + r * C + c0);
+    }
+  }
+#pragma unroll
+  for (int p = 0; p < kInterleavedRowsPerThread; ++p) {
+    const int64_t r = first_row + static_cast<int64_t>(p) * lanes.lanes_r;
+    if (r < R) {
+      float result[WIDTH];
+#pragma unroll
+      for (int i = 0; i < WIDTH; ++i)
+        result[i] = apply_one<GRAD>(to_float(xs[p].v[i]), GRAD ? to_float(dys[p].v[i]) : 0.f, k[i], act, slope);
+      store_pack<T, WIDTH>(out + r * C + c0, result);
+    }
   }
 }
 
