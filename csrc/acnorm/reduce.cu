@@ -14,6 +14,10 @@
 namespace acnorm {
 namespace {
 
+// Two blocks per SM at least: without this hint ptxas spilled a few values
+// of the gradient passes on sm_80 and sm_120 to keep more blocks resident.
+constexpr int kMinBlocks = 2;
+
 // The per-channel values a pass reads: the centring pilot K for the
 // statistics; scale, B and the centre for the gradient sums.
 struct ChannelConstants {
@@ -80,7 +84,7 @@ __device__ float2 block_sum2(float a, float b) {
 
 // Grid (C, split_s, split_n); WIDTH consecutive positions per access.
 template <typename T, bool GRAD, int WIDTH>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 reduce_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ partials,
                      const float* __restrict__ aux, int64_t N, int64_t C, int64_t S, int64_t n_chunk,
                      int64_t s_chunk, int act, float slope) {
@@ -134,7 +138,7 @@ reduce_planar_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* _
 // Grid (ceil(C / block_c), splits); x is a row-major (R, C) matrix. A thread
 // owns WIDTH consecutive channels and walks every lanes_r-th row of its chunk.
 template <typename T, bool GRAD, int WIDTH>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 reduce_interleaved_kernel(const T* __restrict__ x, const T* __restrict__ dy, float* __restrict__ partials,
                           const float* __restrict__ aux, int64_t R, int64_t C, int64_t r_chunk, int block_c,
                           int act, float slope) {
