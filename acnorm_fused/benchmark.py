@@ -170,6 +170,13 @@ def reuse_freed_memory() -> bool:
     return ok and libc.mallopt(m_trim_threshold, 4 * largest_cached) == 1
 
 
+def other_kernel_backends(x: torch.Tensor) -> list[str]:
+    """The kernel backends that can run ``x`` besides the one ``auto`` picks,
+    to be timed beside it."""
+    picked = resolve_backend("auto", x, "acnorm bench")
+    return [b for b in KERNEL_BACKENDS if b != picked and b in available_backends()]
+
+
 def make_layers(channels: int, device: torch.device, seed: int = 0,
                 other_kernels: Sequence[str] = ()) -> dict[str, nn.Module]:
     """The three layers, with a realistic finetuning state (source != target),
@@ -300,9 +307,7 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
 
     x, grad = make_input(case, device)
     backend = resolve_backend("auto", x, "acnorm bench")
-    # The kernel backend auto did not pick is timed beside it, when it can run.
-    others = [b for b in KERNEL_BACKENDS if b != backend and b in available_backends()]
-    layers = make_layers(case.shape[1], device, other_kernels=others)
+    layers = make_layers(case.shape[1], device, other_kernels=other_kernel_backends(x))
     if compile_reference:
         compiled = copy.deepcopy(layers["reference"])
         layers["compiled"] = torch.compile(compiled, dynamic=True)

@@ -2,8 +2,9 @@
 
 Run with ``pytest benchmarks/``. Each case times the authors' formulation
 (``reference``), acnorm_fused with ``backend="auto"`` and ``nn.BatchNorm3d``
-on the same input and is its own group, so pytest-benchmark's table shows the
-three side by side with their ratios. ``acnorm bench`` prints the same
+on the same input (on a GPU also the kernel backend ``auto`` does not pick,
+as ``acnorm-<backend>``) and is its own group, so pytest-benchmark's table
+shows them side by side with their ratios. ``acnorm bench`` prints the same
 comparison interleaved, with peak memory. On CPUs freed memory is reused
 (:func:`acnorm_fused.benchmark.reuse_freed_memory`), as in ``acnorm bench``.
 """
@@ -17,15 +18,18 @@ from acnorm_fused import benchmark as bench
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = bench.default_cases(DEVICE)
+OTHER_KERNELS: tuple[str, ...] = ()
 if DEVICE.type == "cpu":
     bench.reuse_freed_memory()
+else:
+    OTHER_KERNELS = tuple(bench.other_kernel_backends(torch.empty(0, device=DEVICE)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label().replace(" ", "-") for c in CASES])
-@pytest.mark.parametrize("layer_name", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("layer_name", bench.IMPLEMENTATIONS + tuple(f"acnorm-{b}" for b in OTHER_KERNELS))
 def test_training_step(benchmark, case, layer_name):
     x, grad = bench.make_input(case, DEVICE)
-    layer = bench.make_layers(case.shape[1], DEVICE)[layer_name]
+    layer = bench.make_layers(case.shape[1], DEVICE, other_kernels=OTHER_KERNELS)[layer_name]
     benchmark.group = case.label()
     if DEVICE.type == "cuda":
         def step():

@@ -95,7 +95,10 @@ def ninja_binary() -> str:
 def build_module(target: Path, build_dir: Path, archs: str | None = None, emulate: bool = False) -> Path:
     """Compile and link the module into ``target`` (a ``_cuda`` extension file
     name); ``emulate`` builds the host emulation instead of GPU code."""
-    import pybind11
+    try:
+        import pybind11
+    except ImportError:
+        raise FileNotFoundError("building acnorm_fused._cuda needs pybind11 (pip install pybind11)") from None
 
     root = toolkit_root()
     cxx = os.environ.get("CXX", "c++")
