@@ -111,7 +111,7 @@ def _check_cuda_input(x: torch.Tensor, caller: str) -> None:
             f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
             f"{x.dtype}; use backend='torch' for it"
         )
-    if getattr(cuda_extension(), "emulated", False):
+    if cuda_extension().emulated:
         # A build of the kernels for the host emulator (tests without a GPU).
         if x.device.type != "cpu":
             raise RuntimeError(f"{caller}: this acnorm_fused._cuda is the host emulation and runs CPU "
