@@ -1,0 +1,385 @@
+"""Kernel audit without a GPU: what the compiled Triton kernels look like, and
+how many bytes each fused op moves.
+
+Two facts make this possible on a CPU machine:
+
+- Triton compiles ahead of time for a GPU target with no GPU present. The
+  audit records the launches the dispatcher really makes (the launch
+  heuristics sized for an H100's 132 multiprocessors, on the DESIGN section 6
+  shapes, every dtype, layout and activation), binds their arguments with
+  triton's own specialisation code, as a launch on 16-byte-aligned tensors
+  does, and compiles each distinct kernel for sm_80, sm_90 and sm_100. From
+  the PTX it reads the width of every global load and store, from the cubin
+  (``cuobjdump -res-usage``) registers, shared memory and local memory
+  (spills).
+- Under ``TRITON_INTERPRET=1`` every load and store runs through Python, so
+  the bytes a fused op moves can be counted exactly, split into the streamed
+  tensors (x, dy, the output) and the per-channel side buffers.
+
+The two parts need triton in different modes, chosen when triton is
+imported, so :func:`run_audit` runs each in a subprocess.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import benchmark
+
+# The GPU the launch heuristics are sized for in the audit: an H100 SXM.
+MULTIPROCESSORS = 132
+ARCHS = (80, 90, 100)
+DTYPES = ("float32", "float16", "bfloat16")
+ACTIVATIONS = ("", "relu", "leaky_relu")
+# Kernels that stream the large tensors (the others touch per-channel data only).
+STREAMING = ("reduce_planar_kernel", "reduce_interleaved_kernel", "elementwise_planar_kernel",
+             "elementwise_interleaved_kernel")
+# Pointer parameters of the streaming kernels that walk the large tensors.
+_STREAMED_POINTERS = ("x_ptr", "dy_ptr", "out_ptr")
+# Fewest bytes per element of x (in units of its size) of the multi-pass
+# kernels: forward read, read, write; backward (x, dy) read twice, dx written.
+MIN_TRAFFIC = {"forward": 3, "backward": 5, "eval": 2}
+
+
+@dataclass
+class Launch:
+    """One kernel launch the dispatcher made: the kernel and its arguments."""
+
+    kernel: object  # a triton JITFunction
+    args: tuple
+    kwargs: dict
+    case: str
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+@dataclass
+class KernelFacts:
+    """What the compiled code of one specialised kernel shows."""
+
+    name: str
+    arch: int
+    config: str
+    cases: list[str] = field(default_factory=list)
+    registers: int = 0
+    shared: int = 0
+    local: int = 0
+    loads: dict[int, int] = field(default_factory=dict)  # bytes per instruction -> count
+    stores: dict[int, int] = field(default_factory=dict)
+    # The same launch with the streamed tensors' pointers not known to be
+    # aligned: the difference to it is what the alignment hints buy.
+    unaligned_loads: dict[int, int] = field(default_factory=dict)
+    unaligned_stores: dict[int, int] = field(default_factory=dict)
+    streams: int = 0  # tensors a thread streams through loads
+    stream_bytes: int = 0  # bytes per tensor a thread streams per tile
+    writes: bool = False  # whether it streams an output
+    error: str = ""
+
+    @property
+    def vector_accesses(self) -> tuple[int, int]:
+        """16-byte loads and stores per tile that the streamed tensors' alignment buys."""
+        return (self.loads.get(16, 0) - self.unaligned_loads.get(16, 0),
+                self.stores.get(16, 0) - self.unaligned_stores.get(16, 0))
+
+    def findings(self) -> list[str]:
+        """Regressions: spills, and streaming loops on aligned input that do not
+        move all their bytes in 16-byte accesses (each streamed tensor's tile
+        needs ``stream_bytes / 16`` of them per thread)."""
+        where = f"{self.name} sm_{self.arch} ({self.config})"
+        if self.error:
+            return [f"{where}: does not compile: {self.error}"]
+        found = []
+        if self.local:
+            found.append(f"{where}: {self.local} bytes of local memory (spills)")
+        if self.streams:
+            per_tile = max(1, self.stream_bytes // 16)
+            loads, stores = self.vector_accesses
+            if loads < self.streams * per_tile:
+                found.append(f"{where}: {loads} 16-byte streaming loads per tile, {self.streams * per_tile} "
+                             f"needed (aligned {self.loads}, unaligned {self.unaligned_loads})")
+            if self.writes and stores < per_tile:
+                found.append(f"{where}: {stores} 16-byte streaming stores per tile, {per_tile} needed "
+                             f"(aligned {self.stores}, unaligned {self.unaligned_stores})")
+        return found
+
+
+def _kernels() -> list:
+    from .backends.triton import elementwise, finalize, reduce
+
+    return [reduce.reduce_planar_kernel, reduce.reduce_interleaved_kernel,
+            elementwise.elementwise_planar_kernel, elementwise.elementwise_interleaved_kernel,
+            finalize.finalise_forward_kernel, finalize.finalise_backward_kernel, finalize.target_grad_kernel]
+
+
+@contextlib.contextmanager
+def recording(case: str, launches: list[Launch], multiprocessors: int = MULTIPROCESSORS) -> Iterator[None]:
+    """Record the Triton launches made inside the block instead of running them,
+    with the launch heuristics sized for ``multiprocessors``."""
+    from .backends import geometry
+
+    kernels = _kernels()
+    saved_count = geometry._worker_count
+    geometry._worker_count = lambda device: multiprocessors
+    for kernel in kernels:
+        kernel.run = (lambda k: lambda *args, grid, warmup, **kwargs: launches.append(
+            Launch(k, args, kwargs, case)))(kernel)
+    try:
+        yield
+    finally:
+        geometry._worker_count = saved_count
+        for kernel in kernels:
+            del kernel.run
+
+
+def _case_tensors(shape, dtype: str, layout: str, device: str):
+    x = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    channels = shape[1]
+    generator = torch.Generator().manual_seed(0)
+    affines = (0.5 + torch.rand((4, channels), generator=generator)).to(device)
+    running = (torch.zeros(channels, device=device), torch.ones(channels, device=device))
+    return x, affines, running
+
+
+def run_steps(backend, x, affines, running, activation: str) -> None:
+    """A training forward and backward, and an eval forward, through ``backend``."""
+    slope = 0.01
+    out, mean, invstd, _, _, aux = backend.forward(x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope)
+    backend.backward(torch.empty_like(out) if x.is_meta else torch.ones_like(out), x, None, None, None, None,
+                     mean, invstd, aux, True, 1e-5, 1.0, activation, slope)
+    backend.forward(x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope)
+
+
+def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch]:
+    """The kernel launches of one training step and one eval forward on ``shape``
+    (meta tensors: nothing is allocated or run)."""
+    from .backends import triton as triton_backend
+
+    launches: list[Launch] = []
+    x, affines, running = _case_tensors(shape, dtype, layout, "meta")
+    case = f"{'x'.join(map(str, shape))} {dtype} {layout} {activation or 'none'}"
+    with recording(case, launches):
+        run_steps(triton_backend, x, affines, running, activation)
+    return launches
+
+
+def default_launches(dtypes: Sequence[str] = DTYPES, activations: Sequence[str] = ACTIVATIONS) -> list[Launch]:
+    """Every launch of the DESIGN section 6 shapes (both layouts where the
+    benchmark table has them), over ``dtypes`` and ``activations``."""
+    cases = [(s, "contiguous") for s in benchmark.GPU_SHAPES]
+    cases += [(s, "channels_last") for s in benchmark.GPU_CHANNELS_LAST_SHAPES]
+    return [launch for shape, layout in cases for dtype in dtypes for activation in activations
+            for launch in launches_for(shape, dtype, layout, activation)]
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+_WIDTH = re.compile(r"\b(ld|st)\.global(?:\.[a-z_]+)*?(?:\.v(\d))?\.[bfsu](\d+)\b")
+
+
+def _access_widths(ptx: str) -> tuple[dict[int, int], dict[int, int]]:
+    """Bytes per global load and store instruction in ``ptx``, counted."""
+    loads: collections.Counter = collections.Counter()
+    stores: collections.Counter = collections.Counter()
+    for op, vector, bits in _WIDTH.findall(ptx):
+        width = int(vector or 1) * int(bits) // 8
+        (loads if op == "ld" else stores)[width] += 1
+    return dict(loads), dict(stores)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+    """``(registers, shared bytes, local bytes)`` from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", handle.name], capture_output=True,
+                              text=True, check=True).stdout
+    usage = re.search(r"REG:(\d+) STACK:\d+ SHARED:(\d+) LOCAL:(\d+)", text)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump -res-usage gave no resource line:\n{text}")
+    return int(usage.group(1)), int(usage.group(2)), int(usage.group(3))
+
+
+def _stand_in(arg):
+    """A 16-byte-aligned tensor of the argument's dtype: a launch specialises on
+    a pointer's alignment, never on its size."""
+    return torch.empty(16, dtype=arg.dtype) if isinstance(arg, torch.Tensor) else arg
+
+
+def _streaming(launch: Launch) -> tuple[int, int, bool]:
+    """``(tensors streamed by loads, bytes per tensor a thread streams per tile,
+    whether an output is streamed)`` of a launch; zeros for per-channel kernels."""
+    if launch.name not in STREAMING:
+        return 0, 0, False
+    kwargs = launch.kwargs
+    tile = kwargs["BLOCK"] if "BLOCK" in kwargs else kwargs["BLOCK_R"] * kwargs["BLOCK_C"]
+    elements = max(1, tile // (32 * kwargs["num_warps"]))
+    size = launch.args[0].element_size()
+    return (2 if kwargs["GRAD"] else 1), elements * size, launch.name.startswith("elementwise")
+
+
+def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = ARCHS,
+                     progress: Callable[[str], None] | None = None) -> list[KernelFacts]:
+    """Compile every distinct specialisation among ``launches`` for ``archs``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    facts: dict[tuple, KernelFacts] = {}
+    for arch in archs:
+        target = GPUTarget("cuda", arch, 32)
+        backend = make_backend(target)
+        binders = {}
+        for launch in launches:
+            kernel = launch.kernel
+            if kernel not in binders:
+                binders[kernel] = create_function_from_signature(kernel.signature, kernel.params, backend)
+            bound, specialization, options = binders[kernel](*map(_stand_in, launch.args), **launch.kwargs)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound,
+                                                                      specialization, options)
+            config = ", ".join([f"{k}={v}" for k, v in launch.kwargs.items() if k.isupper() or k == "num_warps"]
+                               + [f"{signature[kernel.arg_names[0]]}"])
+            key = (launch.name, arch, json.dumps(signature, sort_keys=True), repr(sorted(constexprs.items())),
+                   repr(sorted(attrs.items())), json.dumps(options.__dict__, sort_keys=True, default=str))
+            if key in facts:
+                facts[key].cases.append(launch.case)
+                continue
+            entry = KernelFacts(launch.name, arch, config, [launch.case])
+            entry.streams, entry.stream_bytes, entry.writes = _streaming(launch)
+            facts[key] = entry
+            if progress is not None:
+                progress(f"sm_{arch} {launch.name} ({config})")
+            def build(attributes):
+                return triton.compile(ASTSource(kernel, signature, constexprs, attributes), target=target,
+                                      options=options.__dict__)
+
+            try:
+                compiled = build(attrs)
+                entry.loads, entry.stores = _access_widths(compiled.asm["ptx"])
+                entry.registers, entry.shared, entry.local = _resource_usage(compiled.asm["cubin"])
+                if entry.streams:
+                    streamed = {(kernel.arg_names.index(n),) for n in _STREAMED_POINTERS if n in kernel.arg_names}
+                    unaligned = build({k: ([] if k in streamed else v) for k, v in attrs.items()})
+                    entry.unaligned_loads, entry.unaligned_stores = _access_widths(unaligned.asm["ptx"])
+            except Exception as error:  # noqa: BLE001 - a compile failure is a finding, not a crash
+                entry.error = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return list(facts.values())
+
+
+@dataclass
+class Traffic:
+    """Bytes one fused op moved, counted under the interpreter."""
+
+    case: str
+    step: str  # forward, backward or eval
+    elements: int
+    element_size: int
+    channels: int
+    stream_bytes: int = 0  # loads and stores of x, dy and the output
+    side_bytes: int = 0  # everything else: partials, aux, affines, statistics
+
+    @property
+    def per_element(self) -> float:
+        """Streamed bytes per element of x, in units of its size."""
+        return self.stream_bytes / (self.elements * self.element_size)
+
+    def excess(self) -> int:
+        """Streamed bytes beyond the minimum of :data:`MIN_TRAFFIC`."""
+        return self.stream_bytes - MIN_TRAFFIC[self.step] * self.elements * self.element_size
+
+
+@contextlib.contextmanager
+def recording_accesses(accesses: list) -> Iterator[None]:
+    """Record every global load and store the interpreter makes inside the block,
+    as ``(addresses, bytes per element)`` of the elements its mask enables."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def record(ptrs, mask):
+        addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)]
+        accesses.append((addresses, ptrs.get_element_ty().primitive_bitwidth // 8))
+
+    def recorded_load(ptrs, mask, other, cache_policy, is_volatile):
+        record(ptrs, mask)
+        return load(ptrs, mask, other, cache_policy, is_volatile)
+
+    def recorded_store(ptrs, value, mask, cache_policy):
+        record(ptrs, mask)
+        return store(ptrs, value, mask, cache_policy)
+
+    builder.create_masked_load, builder.create_masked_store = recorded_load, recorded_store
+    try:
+        yield
+    finally:
+        del builder.create_masked_load, builder.create_masked_store
+
+
+def _split_bytes(accesses: list, streamed: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """``(bytes inside the streamed tensors, bytes elsewhere)`` of recorded accesses."""
+    import numpy as np
+
+    ranges = [(t.data_ptr(), t.data_ptr() + t.untyped_storage().nbytes()) for t in streamed]
+    stream = side = 0
+    for addresses, size in accesses:
+        inside = np.zeros(addresses.shape, dtype=bool)
+        for start, stop in ranges:
+            inside |= (addresses >= start) & (addresses < stop)
+        stream += int(inside.sum()) * size
+        side += int((~inside).sum()) * size
+    return stream, side
+
+
+def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") -> list[Traffic]:
+    """Bytes of the training forward, the backward and the eval forward on a CPU
+    tensor of ``shape``, run by the Triton kernels in the interpreter. The
+    streamed tensors are x, dy and the op's output (known once it returns;
+    every buffer of the op stays alive until then, so no address is reused)."""
+    from .backends import triton as triton_backend
+
+    x, affines, running = _case_tensors(shape, dtype, layout, "cpu")
+    x.normal_()
+    case = f"{'x'.join(map(str, shape))} {dtype} {layout}"
+    results = []
+
+    def measured(step, inputs, fn):
+        accesses: list = []
+        with recording_accesses(accesses):
+            value = fn()
+        output = value[0]
+        stream, side = _split_bytes(accesses, [*inputs, output])
+        results.append(Traffic(case, step, x.numel(), x.element_size(), shape[1], stream, side))
+        return value
+
+    slope = 0.01
+    forward = measured("forward", [x], lambda: triton_backend.forward(
+        x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope))
+    _, mean, invstd, _, _, aux = forward
+    grad = torch.randn_like(forward[0])
+    measured("backward", [x, grad], lambda: triton_backend.backward(
+        grad, x, None, None, None, None, mean, invstd, aux, True, 1e-5, 1.0, activation, slope))
+    measured("eval", [x], lambda: triton_backend.forward(
+        x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope))
+    return results
