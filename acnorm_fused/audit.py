@@ -295,6 +295,7 @@ class Traffic:
     elements: int
     element_size: int
     channels: int
+    splits: int  # partial results per channel of the reduction passes
     stream_bytes: int = 0  # loads and stores of x, dy and the output
     side_bytes: int = 0  # everything else: partials, aux, affines, statistics
 
@@ -306,6 +307,18 @@ class Traffic:
     def excess(self) -> int:
         """Streamed bytes beyond the minimum of :data:`MIN_TRAFFIC`."""
         return self.stream_bytes - MIN_TRAFFIC[self.step] * self.elements * self.element_size
+
+    def allowance(self) -> int:
+        """Streamed bytes allowed beyond the minimum: the training forward reads
+        each channel's first value (the centring pilot) once per statistics
+        program and once in the finalise step."""
+        return self.channels * (self.splits + 1) * self.element_size if self.step == "forward" else 0
+
+    def findings(self) -> list[str]:
+        if self.excess() <= self.allowance():
+            return []
+        return [f"{self.case} {self.step}: {self.per_element:.3f} bytes per element and byte of x streamed, "
+                f"{self.excess()} bytes over the minimum of {MIN_TRAFFIC[self.step]} (allowed {self.allowance()})"]
 
 
 @contextlib.contextmanager
@@ -358,11 +371,14 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
     streamed tensors are x, dy and the op's output (known once it returns;
     every buffer of the op stays alive until then, so no address is reused)."""
     from .backends import triton as triton_backend
+    from .backends.geometry import geometry
 
     x, affines, running = _case_tensors(shape, dtype, layout, "cpu")
     x.normal_()
     case = f"{'x'.join(map(str, shape))} {dtype} {layout}"
     results = []
+
+    splits = geometry(x).splits
 
     def measured(step, inputs, fn):
         accesses: list = []
@@ -370,7 +386,7 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
             value = fn()
         output = value[0]
         stream, side = _split_bytes(accesses, [*inputs, output])
-        results.append(Traffic(case, step, x.numel(), x.element_size(), shape[1], stream, side))
+        results.append(Traffic(case, step, x.numel(), x.element_size(), shape[1], splits, stream, side))
         return value
 
     slope = 0.01
@@ -383,3 +399,179 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
     measured("eval", [x], lambda: triton_backend.forward(
         x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope))
     return results
+
+
+# Small inputs that take the same code paths as the large ones: planar with
+# several splits per channel, interleaved, every dtype; under the interpreter
+# the launch heuristics see two multiprocessors.
+TRAFFIC_CASES = (
+    ((2, 4, 8, 8, 16), "float32", "contiguous"),
+    ((2, 4, 8, 8, 16), "bfloat16", "contiguous"),
+    ((2, 16, 4, 4, 8), "float32", "channels_last"),
+    ((2, 16, 4, 4, 8), "float16", "channels_last"),
+    ((3, 5, 7, 6, 5), "float32", "contiguous"),
+)
+
+
+def cuda_module_facts(path: str | Path) -> list[dict]:
+    """Registers, local memory (spills) and the widest global load of every
+    kernel in a compiled ``acnorm_fused._cuda``, per architecture, from
+    ``cuobjdump -res-usage`` and ``-sass``."""
+    usage = subprocess.run([_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True,
+                           check=True).stdout
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                          check=True).stdout
+    widths: dict[tuple[str, str], str] = {}
+    arch = ""
+    for block in re.split(r"\n(?=\s*(?:arch = |Function : ))", sass):
+        header = re.match(r"\s*arch = (sm_\d+)", block)
+        if header:
+            arch = header.group(1)
+        function = re.match(r"\s+Function : (\S+)", block)
+        if function:
+            loads = re.findall(r"LDG\.E(?:\.(128|64|U16|S16|U8))?", block)
+            widths[(arch, function.group(1))] = "128" if "128" in loads else "64" if "64" in loads else \
+                "32" if "" in loads else "16" if loads else "-"
+    facts = []
+    arch = ""
+    for line in usage.splitlines():
+        header = re.search(r"arch = (sm_\d+)", line)
+        if header:
+            arch = header.group(1)
+        function = re.match(r"\s*Function (\S+):", line)
+        if function:
+            name = function.group(1)
+        resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+        if resources:
+            demangled = re.search(r"(reduce_planar|reduce_interleaved|elementwise_planar|elementwise_interleaved|"
+                                  r"finalise_forward|finalise_backward|target_grad)_kernel(?:I(\w+?)EE)?", name)
+            kernel = demangled.group(1) if demangled else name
+            params = demangled.group(2) or "" if demangled else ""
+            dtype = "fp32" if params.startswith("f") else "bf16" if "bfloat16" in params else \
+                "fp16" if "half" in params else "-"
+            pack = re.search(r"Li(\d+)E?$", params)
+            facts.append({
+                "arch": arch, "kernel": kernel, "dtype": dtype, "grad": "Lb1" in params,
+                "pack": int(pack.group(1)) if pack else 0, "registers": int(resources.group(1)),
+                "shared": int(resources.group(3)), "local": int(resources.group(4)),
+                "widest_load": widths.get((arch, name), "-"),
+            })
+    return facts
+
+
+def cuda_findings(facts: Sequence[dict]) -> list[str]:
+    """Spills, and 16-byte-pack kernels whose loads are not 16 bytes wide."""
+    found = []
+    for f in facts:
+        where = f"acnorm_fused._cuda {f['arch']} {f['kernel']} {f['dtype']} pack {f['pack']}"
+        if f["local"]:
+            found.append(f"{where}: {f['local']} bytes of local memory (spills)")
+        if f["pack"] > 1 and f["widest_load"] != "128":
+            found.append(f"{where}: widest global load {f['widest_load']} bits, not 128")
+    return found
+
+
+def _static_main(archs: Sequence[int], quick: bool) -> None:
+    """Subprocess entry (TRITON_INTERPRET unset): the compiled facts as JSON on stdout."""
+    if quick:
+        launches = [launch for shape, dtype, layout, activation in QUICK_CASES
+                    for launch in launches_for(shape, dtype, layout, activation)]
+    else:
+        launches = default_launches()
+    facts = compile_launches(launches, archs, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps([f.__dict__ | {"findings": f.findings()} for f in facts]))
+
+
+def _traffic_main() -> None:
+    """Subprocess entry (TRITON_INTERPRET=1): the byte counts as JSON on stdout."""
+    results = [t for case in TRAFFIC_CASES for t in measure_traffic(*case)]
+    print(json.dumps([t.__dict__ | {"per_element": t.per_element, "excess": t.excess(),
+                                    "allowance": t.allowance(), "findings": t.findings()} for t in results]))
+
+
+# One launch set per layout, dtype and kernel family, for a fast check (tests).
+QUICK_CASES = (
+    ((2, 32, 128, 128, 128), "bfloat16", "contiguous", "relu"),
+    ((2, 64, 64, 64, 64), "float32", "channels_last", "leaky_relu"),
+    ((2, 320, 8, 8, 8), "float16", "contiguous", ""),
+)
+
+
+def run_part(part: str, *args: str) -> list[dict]:
+    """Run one part of the audit in a subprocess with triton in the mode it needs."""
+    env = dict(os.environ, TRITON_INTERPRET="1" if part == "traffic" else "0")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton's notice
+    call = f"import acnorm_fused.audit as a; a._{part}_main({', '.join(args)})"
+    done = subprocess.run([sys.executable, "-c", call], env=env, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {part} part of the audit failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_audit(archs: Sequence[int] = ARCHS, quick: bool = False,
+              cuda_module: str | Path | None = None) -> tuple[str, dict, list[str]]:
+    """The whole audit: ``(Markdown report, raw results, findings)``."""
+    static = run_part("static", repr(tuple(archs)), repr(quick))
+    traffic = run_part("traffic")
+    cuda = cuda_module_facts(cuda_module) if cuda_module else []
+    findings = [line for f in static + traffic for line in f["findings"]] + cuda_findings(cuda)
+    raw = {"triton_kernels": static, "traffic": traffic, "cuda_kernels": cuda}
+    return to_markdown(raw, archs, findings), raw, findings
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(str(cell) for cell in row) + " |" for row in rows)]
+
+
+def _widths(counts: dict) -> str:
+    return ", ".join(f"{n}x{w}B" for w, n in sorted(((int(w), n) for w, n in counts.items()), reverse=True)) or "-"
+
+
+def to_markdown(raw: dict, archs: Sequence[int], findings: Sequence[str]) -> str:
+    """The audit report."""
+    import triton
+
+    lines = [
+        "# Kernel audit (no GPU)", "",
+        f"triton {triton.__version__}, torch {torch.__version__}; Triton kernels compiled ahead of time for "
+        f"{', '.join(f'sm_{a}' for a in archs)} with the arguments the dispatcher passes on 16-byte-aligned "
+        f"tensors (launch heuristics sized for {MULTIPROCESSORS} multiprocessors). `16B per tile`: 16-byte "
+        "loads and stores that the streamed tensors' alignment buys, per thread and tile, against those "
+        "needed to move every streamed byte in 16-byte accesses (one tile of each streamed tensor). "
+        "`unaligned`: the same launch with the streamed pointers not known to be aligned.", "",
+        "## Findings", "",
+        *([f"- {line}" for line in findings] or ["None: no spills, every streaming loop moves its bytes in "
+                                                 "16-byte accesses, every fused op at its minimum traffic."]),
+        "", "## Triton kernels", "",
+    ]
+    rows = []
+    for f in sorted(raw["triton_kernels"], key=lambda f: (f["name"], f["config"], f["arch"])):
+        per_tile = max(1, f["stream_bytes"] // 16)
+        loads = f["loads"].get("16", f["loads"].get(16, 0)) - f["unaligned_loads"].get(
+            "16", f["unaligned_loads"].get(16, 0))
+        stores = f["stores"].get("16", f["stores"].get(16, 0)) - f["unaligned_stores"].get(
+            "16", f["unaligned_stores"].get(16, 0))
+        vector = (f"{loads}/{f['streams'] * per_tile} ld" + (f", {stores}/{per_tile} st" if f["writes"] else "")
+                  if f["streams"] else "-")
+        rows.append((f["name"], f["config"], f"sm_{f['arch']}", f["registers"], f["shared"], f["local"],
+                     _widths(f["loads"]), _widths(f["stores"]), _widths(f["unaligned_loads"]) if f["streams"]
+                     else "-", vector, len(f["cases"]), f["error"] or ""))
+    lines += _table(("kernel", "specialisation", "arch", "registers", "shared B", "local B (spills)",
+                     "loads", "stores", "loads unaligned", "16B per tile", "launches", "error"), rows)
+    lines += ["", "## Bytes moved per fused op (interpreter)", "",
+              "Streamed bytes (x, dy and the op's output) per element of x and byte of its dtype, "
+              "against the multi-pass minimum (forward 3, backward 5, eval 2); the allowance is the "
+              "training forward's reads of each channel's first value. Side bytes: partials, aux, "
+              "affines and statistics.", ""]
+    lines += _table(("case", "step", "channels", "splits", "streamed / (numel x b)", "minimum", "excess B",
+                     "allowed B", "side B"),
+                    [(t["case"], t["step"], t["channels"], t["splits"], f"{t['per_element']:.4f}",
+                      MIN_TRAFFIC[t["step"]], t["excess"], t["allowance"], t["side_bytes"]) for t in raw["traffic"]])
+    if raw["cuda_kernels"]:
+        lines += ["", "## CUDA kernels (acnorm_fused._cuda)", ""]
+        lines += _table(("arch", "kernel", "dtype", "grad", "pack", "registers", "shared B", "local B (spills)",
+                         "widest load (bits)"),
+                        [(f["arch"], f["kernel"], f["dtype"], "yes" if f["grad"] else "no", f["pack"] or "-",
+                          f["registers"], f["shared"], f["local"], f["widest_load"]) for f in raw["cuda_kernels"]])
+    return "\n".join(lines) + "\n"

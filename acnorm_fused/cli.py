@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import json
 import platform
 import sys
 from collections.abc import Sequence
@@ -73,6 +75,8 @@ def _write_tables(folder: Path, stem: str, markdown: str, json_text: str) -> Non
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark table and optionally write it as Markdown and JSON."""
+    if args.audit:
+        return _bench_audit(args)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -112,6 +116,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print("acnorm bench: no plot (matplotlib is not installed)", file=sys.stderr)
     return 0
+
+
+def _bench_audit(args: argparse.Namespace) -> int:
+    """The kernel audit: compiled-code facts and byte counts, no GPU needed.
+    Exits 1 when it finds a regression."""
+    from . import audit
+    from .backends import cuda_extension
+
+    if importlib.util.find_spec("triton") is None:
+        print("acnorm bench --audit: needs triton (pip install 'acnorm-fused[triton]')", file=sys.stderr)
+        return 2
+    module = cuda_extension()
+    module_file = module.__file__ if module is not None and not module.emulated else None
+    print(f"acnorm bench --audit: compiling the Triton kernels for "
+          f"{', '.join(f'sm_{a}' for a in args.archs)}{' (quick set)' if args.quick else ''}", file=sys.stderr)
+    report, raw, findings = audit.run_audit(args.archs, quick=args.quick, cuda_module=module_file)
+    print(report)
+    if args.out is not None:
+        _write_tables(args.out, "audit", report, json.dumps(raw, indent=1))
+    return 1 if findings else 0
+
+
+def _archs(text: str) -> tuple[int, ...]:
+    try:
+        archs = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of compute capabilities like 80,90; got {text!r}")
+    if not archs or min(archs) < 50:
+        raise argparse.ArgumentTypeError(f"compute capabilities like 80,90,100; got {text!r}")
+    return archs
 
 
 def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, machine: str) -> int:
@@ -199,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sync-processes", type=_at_least_two, metavar="N",
         help="instead: time SyncACNorm against ACNorm and BatchNorm in N gloo processes on the CPU",
     )
-    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json into")
+    bench.add_argument(
+        "--audit", action="store_true",
+        help="instead: the kernel audit (Triton kernels compiled for GPU targets, registers, spills, load "
+             "widths; bytes per fused op under the interpreter; the CUDA module's kernels); no GPU needed",
+    )
+    bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
+    bench.add_argument("--quick", action="store_true", help="--audit: one launch set per kernel family")
+    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json (or audit.*) into")
     bench.add_argument(
         "--system-malloc", action="store_true",
         help="on CPU, keep glibc's default of unmapping large freed blocks (noisier timings)",

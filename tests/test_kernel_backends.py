@@ -156,6 +156,30 @@ def test_long_rows(backend, dtype, shape):
     _compare(backend, layer, shape, dtype, steps=1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_input(backend, dtype):
+    """A contiguous input whose data starts one element past a 16-byte boundary:
+    the kernels must not assume aligned pointers (16-byte accesses) for it."""
+    layer = make_layer(acn.ACNorm3d, 2, seed=27, activation="relu")
+    shape = (2, 2, 4, 4, 8)
+    base = random_input((2 * 2 * 4 * 4 * 8 + 1,), 28).to(DEVICE, dtype)
+    x = base[1:].view(shape)
+    assert x.data_ptr() % 16 != 0 and x.is_contiguous()
+    grad = random_input(shape, 29).to(DEVICE, dtype)
+    model = copy.deepcopy(layer).to(DEVICE)
+    model.backend = backend
+    xi = x.detach().requires_grad_()
+    out = model(xi)
+    out.backward(grad)
+    reference = copy.deepcopy(layer).double()
+    reference.backend = "reference"
+    xr = x.detach().cpu().double().requires_grad_()
+    expected = reference(xr)
+    expected.backward(grad.cpu().double())
+    assert_close(out.cpu(), expected, dtype)
+    assert_close(xi.grad.cpu(), xr.grad, dtype, 10)
+
+
 def test_large_mean_small_spread(backend):
     """CT-like intensities: mean 1e3, std 1e-2. A sum of squares loses the
     variance entirely in fp32; the merged Welford partials keep it."""

@@ -47,7 +47,9 @@ def _worker_count(device: torch.device) -> int:
 
 
 def _num_warps(tile: int) -> int:
-    return 8 if tile >= 4096 else 4 if tile >= 1024 else 2 if tile >= 256 else 1
+    """Warps for a tile: at most 8, and at least 8 elements per thread, so that
+    16-bit inputs still load 16 bytes at a time."""
+    return max(1, min(8, tile // (32 * 8)))
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Geometry:
     s_chunk: int
     n_chunk: int
     r_chunk: int
-    num_warps: int
+    num_warps: int  # of the elementwise passes
 
     # The reduction passes keep three fp32 accumulators per element of their
     # tile (Welford's count, mean, M2): half the streaming tile keeps them in
@@ -82,6 +84,11 @@ class Geometry:
     @property
     def reduce_block_r(self) -> int:
         return max(1, self.block_r // 2)
+
+    @property
+    def reduce_num_warps(self) -> int:
+        """Warps of the reduction passes, for their (halved) tile."""
+        return _num_warps(self.reduce_block if self.planar else self.reduce_block_r * self.block_c)
 
     @property
     def rows(self) -> int:

@@ -43,6 +43,9 @@ struct alignas(sizeof(T) * WIDTH) Pack {
 
 template <typename T, int WIDTH>
 __device__ __forceinline__ Pack<T, WIDTH> read_pack(const T* ptr) {
+#ifdef ACNORM_EMULATE
+  if (!emulator::aligned_access(ptr, alignof(Pack<T, WIDTH>))) return Pack<T, WIDTH>{};
+#endif
   return *reinterpret_cast<const Pack<T, WIDTH>*>(ptr);
 }
 
@@ -58,6 +61,9 @@ __device__ __forceinline__ void store_pack(T* ptr, const float (&in)[WIDTH]) {
   Pack<T, WIDTH> pack;
 #pragma unroll
   for (int k = 0; k < WIDTH; ++k) pack.v[k] = from_float<T>(in[k]);
+#ifdef ACNORM_EMULATE
+  if (!emulator::aligned_access(ptr, alignof(Pack<T, WIDTH>))) return;
+#endif
   *reinterpret_cast<Pack<T, WIDTH>*>(ptr) = pack;
 }
 

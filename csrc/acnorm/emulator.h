@@ -55,6 +55,24 @@ inline thread_local Block* active = nullptr;
 inline thread_local dim3 grid_dim, block_dim;
 inline thread_local uint3 block_idx;
 
+// The first error a launch ran into, as a GPU would report it.
+inline thread_local cudaError_t pending_error = cudaSuccess;
+
+// Whether an access of this alignment may go to ptr. A GPU faults on a
+// misaligned vector access; here the access is skipped instead and the launch
+// reports the GPU's error.
+inline bool aligned_access(const void* ptr, size_t alignment) {
+  if (reinterpret_cast<std::uintptr_t>(ptr) % alignment == 0) return true;
+  if (pending_error == cudaSuccess) pending_error = cudaErrorMisalignedAddress;
+  return false;
+}
+
+inline cudaError_t take_error() {
+  const cudaError_t error = pending_error;
+  pending_error = cudaSuccess;
+  return error;
+}
+
 inline uint3 thread_index() { return active->fibers[active->current].index; }
 
 inline int linear_thread() {
@@ -129,8 +147,8 @@ inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
 #define __syncthreads() ::acnorm::emulator::yield()
 #define __shfl_xor_sync(mask, value, lane_mask) ::acnorm::emulator::shuffle_xor((value), (lane_mask))
 
-// Launches cannot fail here; the runtime's own function would look for a driver.
-#define cudaGetLastError() cudaSuccess
+// The runtime's own function would look for a driver.
+#define cudaGetLastError() ::acnorm::emulator::take_error()
 
 inline float __frcp_rn(float x) { return 1.f / x; }
 using std::min;

@@ -30,14 +30,14 @@ class TritonKernels:
             reduce_planar_kernel[geo.reduce_grid()](
                 x, dy, partials, aux,
                 geo.n, geo.c, geo.s, geo.n_chunk, geo.s_chunk, slope,
-                BLOCK=geo.reduce_block, GRAD=grad, ACT=act, num_warps=geo.num_warps,
+                BLOCK=geo.reduce_block, GRAD=grad, ACT=act, num_warps=geo.reduce_num_warps,
             )
         else:
             reduce_interleaved_kernel[geo.reduce_grid()](
                 x, dy, partials, aux,
                 geo.rows, geo.c, geo.r_chunk, slope,
                 BLOCK_R=geo.reduce_block_r, BLOCK_C=geo.block_c, GRAD=grad, ACT=act,
-                num_warps=geo.num_warps,
+                num_warps=geo.reduce_num_warps,
             )
 
     def elementwise(self, geo: Geometry, x: Tensor, dy: Tensor | None, out: Tensor,
