@@ -63,12 +63,19 @@ def signatures(weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
     return bias / (weight.abs() + eps)
 
 
-def correlation_from_stack(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
-    """:func:`correlation` of the ``(4, C)`` rows made by :func:`stack_affines`."""
+def affinity_from_stack(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
+    """The dense matrix ``A`` (rows sum to 1) behind :func:`correlation`, of the
+    ``(4, C)`` rows made by :func:`stack_affines`."""
     with _full_precision(affines.device):
         y = signatures(affines[0::2], affines[1::2], eps)  # rows: source, target
         # |d| / (-T) is exactly -(|d| / T): the reference's rounding, so its ties.
-        affinity = torch.softmax((y[1, :, None] - y[0]).abs_().div_(-temperature), dim=1)
+        return torch.softmax((y[1, :, None] - y[0]).abs_().div_(-temperature), dim=1)
+
+
+def correlation_from_stack(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
+    """:func:`correlation` of the ``(4, C)`` rows made by :func:`stack_affines`."""
+    affinity = affinity_from_stack(affines, eps, temperature)
+    with _full_precision(affines.device):
         # Keep A[i, j] >= A[i, i]: zero the entries strictly below the diagonal one.
         return affinity.masked_fill_(affinity < affinity.diagonal()[:, None], 0.0)
 

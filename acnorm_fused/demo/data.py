@@ -1,0 +1,143 @@
+"""The two real brain-MRI domains of the finetuning study, found on disk and
+resampled to one grid.
+
+- Source: the ICBM152 2009a nonlinear symmetric T1 template with its grey- and
+  white-matter probability maps, shipped inside the ``nilearn`` wheel; the task
+  is 3-class tissue segmentation (background, grey matter, white matter: the
+  larger probability, where it exceeds 0.5).
+- Target: the Colin27 single-subject T1 (``ch2.nii.gz``) with the AAL atlas
+  drawn on the same brain (``aal.nii.gz``, names in ``aal.nii.txt``), from
+  Debian's ``mricron-data`` package; its 116 regions are grouped into lobes for
+  a few-shot segmentation.
+
+Both are in MNI space; they are resampled (linear for intensities, nearest for
+labels) to a common 2 mm grid whose axial slices the U-Net sees. Nothing of
+the images is stored in this project.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MRICRON = Path(os.environ.get("ACNORM_MRICRON_TEMPLATES", "/usr/share/mricron/templates"))
+ICBM_FILES = {
+    "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "wm": "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+}
+# The common grid: 2 mm voxels, (x, y, z) from the origin below, in MNI mm.
+# Sizes are multiples of 4 for the U-Net's two poolings.
+VOXEL_MM = 2.0
+GRID_SHAPE = (88, 108, 88)
+GRID_ORIGIN = (-88.0, -126.0, -72.0)
+
+SOURCE_CLASSES = ("background", "grey matter", "white matter")
+# AAL region name prefixes per lobe (the hemisphere suffix _L/_R is dropped).
+LOBES = {
+    "frontal": ("Precentral", "Frontal_", "Rolandic_Oper", "Supp_Motor_Area", "Olfactory", "Rectus",
+                "Paracentral_Lobule"),
+    "parietal": ("Postcentral", "Parietal_", "SupraMarginal", "Angular", "Precuneus"),
+    "temporal": ("Temporal_", "Heschl", "Fusiform"),
+    "occipital": ("Calcarine", "Cuneus", "Lingual", "Occipital_"),
+    "insula and cingulum": ("Insula", "Cingulum_"),
+    "deep grey": ("Hippocampus", "ParaHippocampal", "Amygdala", "Caudate", "Putamen", "Pallidum", "Thalamus"),
+    "cerebellum": ("Cerebelum_", "Vermis_"),
+}
+TARGET_CLASSES = ("background", *LOBES)
+
+
+class MissingData(RuntimeError):
+    """The images are not installed; the message says what to install."""
+
+
+@dataclass
+class Domain:
+    """A T1 image and its labels on the common grid: ``image`` (float32,
+    normalised to mean 0 and std 1 inside the head) and ``labels`` (int64),
+    both shaped :data:`GRID_SHAPE` as (x, y, z)."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def _nibabel():
+    try:
+        import nibabel
+        import scipy.ndimage  # noqa: F401 - checked here, used by _resample
+    except ImportError:
+        raise MissingData("the demo needs nibabel and scipy: pip install 'acnorm-fused[demo]'") from None
+    return nibabel
+
+
+def _icbm_folder() -> Path:
+    try:
+        import nilearn
+    except ImportError:
+        raise MissingData("the source domain (ICBM152 2009a) comes with nilearn: "
+                          "pip install 'acnorm-fused[demo]'") from None
+    folder = Path(nilearn.__file__).parent / "datasets" / "data"
+    missing = [name for name in ICBM_FILES.values() if not (folder / name).is_file()]
+    if missing:
+        raise MissingData(f"this nilearn lacks {', '.join(missing)} in {folder}; reinstall nilearn from its wheel")
+    return folder
+
+
+def _mricron_file(name: str) -> Path:
+    path = MRICRON / name
+    if not path.is_file():
+        raise MissingData(
+            f"the target domain (Colin27 and the AAL atlas) is missing: {path} not found. On Debian or "
+            "Ubuntu: sudo apt-get install mricron-data (or set ACNORM_MRICRON_TEMPLATES to its templates folder)")
+    return path
+
+
+def _resample(path: Path, order: int) -> np.ndarray:
+    """The image at ``path`` on the common grid (world coordinates through its affine)."""
+    from scipy.ndimage import map_coordinates
+
+    image = _nibabel().load(str(path))
+    axes = [GRID_ORIGIN[a] + VOXEL_MM * np.arange(GRID_SHAPE[a]) for a in range(3)]
+    world = np.stack([*np.meshgrid(*axes, indexing="ij"), np.ones(GRID_SHAPE)], axis=0).reshape(4, -1)
+    voxels = (np.linalg.inv(image.affine) @ world)[:3]
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    return map_coordinates(data, voxels, order=order, mode="constant", cval=0.0).reshape(GRID_SHAPE)
+
+
+def _normalise(image: np.ndarray) -> np.ndarray:
+    head = image > 0.1 * image.max()
+    return ((image - image[head].mean()) / image[head].std()).astype(np.float32)
+
+
+def load_source() -> Domain:
+    """ICBM152 2009a T1 and its tissue classes."""
+    folder = _icbm_folder()
+    t1, gm, wm = (_resample(folder / ICBM_FILES[k], order=1) for k in ("t1", "gm", "wm"))
+    labels = np.where((gm > 0.5) & (gm >= wm), 1, np.where(wm > 0.5, 2, 0)).astype(np.int64)
+    return Domain("ICBM152 2009a tissue", _normalise(t1), labels, SOURCE_CLASSES)
+
+
+def lobe_of_region(name: str) -> int:
+    """Target class of an AAL region name (0 for none)."""
+    base = name[:-2] if name.endswith(("_L", "_R")) else name
+    for index, prefixes in enumerate(LOBES.values(), 1):
+        if base.startswith(prefixes):
+            return index
+    return 0
+
+
+def load_target() -> Domain:
+    """Colin27 T1 and the AAL regions grouped into lobes."""
+    t1 = _resample(_mricron_file("ch2.nii.gz"), order=1)
+    aal = _resample(_mricron_file("aal.nii.gz"), order=0).astype(np.int64)
+    lookup = np.zeros(int(aal.max()) + 1, dtype=np.int64)
+    for line in _mricron_file("aal.nii.txt").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) < lookup.size:
+            lookup[int(parts[0])] = lobe_of_region(parts[1])
+    return Domain("Colin27 AAL lobes", _normalise(t1), lookup[aal], TARGET_CLASSES)
