@@ -17,6 +17,7 @@ the images is stored in this project.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,12 @@ class Domain:
 
 
 def _nibabel():
+    if importlib.util.find_spec("scipy") is None:
+        raise MissingData("the demo needs scipy: pip install 'acnorm-fused[demo]'")
     try:
         import nibabel
-        import scipy.ndimage  # noqa: F401 - checked here, used by _resample
     except ImportError:
-        raise MissingData("the demo needs nibabel and scipy: pip install 'acnorm-fused[demo]'") from None
+        raise MissingData("the demo needs nibabel: pip install 'acnorm-fused[demo]'") from None
     return nibabel
 
 

@@ -1,0 +1,118 @@
+"""``acnorm demo``: the study's pieces on synthetic data, and the whole
+pipeline on the real images when they are installed (CI installs them and
+sets ACNORM_EXPECT_DEMO_DATA=1, so their absence fails there)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from acnorm_fused import cli
+from acnorm_fused.correlation import affinity_from_stack, stack_affines
+from acnorm_fused.demo import data, study
+from acnorm_fused.modules import ACNorm2d
+
+from conftest import make_affines, random_input
+
+
+@pytest.mark.parametrize("name,lobe", [
+    ("Precentral_L", "frontal"), ("Frontal_Sup_Orb_R", "frontal"), ("Angular_L", "parietal"),
+    ("Heschl_R", "temporal"), ("Calcarine_L", "occipital"), ("Cingulum_Post_R", "insula and cingulum"),
+    ("Thalamus_L", "deep grey"), ("Vermis_4_5", "cerebellum"), ("Cerebelum_Crus1_R", "cerebellum"),
+])
+def test_aal_regions_map_to_lobes(name, lobe):
+    assert data.TARGET_CLASSES[data.lobe_of_region(name)] == lobe
+
+
+def test_dice_averages_the_present_foreground_classes():
+    labels = torch.tensor([0, 1, 1, 2, 2, 0])
+    guess = torch.tensor([0, 1, 0, 2, 2, 2])
+    # class 1: 2*1/(1+2); class 2: 2*2/(3+2); class 3 absent
+    assert study.dice(guess, labels, 4) == pytest.approx((2 / 3 + 4 / 5) / 2)
+
+
+def _control(kind):
+    layer = study.ControlNorm2d(5, kind, temperature=0.7)
+    with torch.no_grad():
+        for name, value in zip(("weight", "bias", "weight_target", "bias_target"), make_affines(5, 3)):
+            getattr(layer, name).copy_(value)
+    return layer
+
+
+def test_identity_control_doubles_the_target_affine():
+    layer = _control("identity")
+    x = random_input((4, 5, 3, 3), 1)
+    expected = F.batch_norm(x, None, None, 2 * layer.weight_target, 2 * layer.bias_target, True, 0.0, layer.eps)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_dense_control_uses_the_unsparsified_correlation():
+    layer = _control("dense")
+    x = random_input((4, 5, 3, 3), 2)
+    a = affinity_from_stack(stack_affines(layer.weight, layer.bias, layer.weight_target, layer.bias_target),
+                            layer.eps, 0.7)
+    assert (a > 0).all()  # nothing zeroed
+    w = layer.weight_target + a @ layer.weight_target
+    b = layer.bias_target + a @ layer.bias_target
+    torch.testing.assert_close(layer(x), F.batch_norm(x, None, None, w, b, True, 0.0, layer.eps))
+    layer(x).sum().backward()
+    assert layer.weight_target.grad is not None and layer.weight.grad is None
+
+
+def test_each_method_gets_its_model_and_the_seed_s_head():
+    pretrained = study.UNet(3, width=4)
+    heads = {}
+    for method in study.METHODS:
+        model = study.prepare(method, pretrained, classes=8, width=4, seed=7)
+        heads[method] = model.head.weight.detach()
+        norms = [type(m) for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, ACNorm2d))]
+        if method.startswith("acnorm-"):
+            assert set(norms) == {ACNorm2d}
+            assert all(m.temperature == float(method[8:]) for m in model.modules() if isinstance(m, ACNorm2d))
+        elif method.endswith("-S"):
+            assert set(norms) == {study.ControlNorm2d}
+            assert {m.kind for m in model.modules() if isinstance(m, study.ControlNorm2d)} == {method[:-2]}
+        else:
+            assert set(norms) == {torch.nn.BatchNorm2d}
+        if method != "scratch":
+            torch.testing.assert_close(model.enc1[0].weight, pretrained.enc1[0].weight)
+    for method in study.METHODS:
+        torch.testing.assert_close(heads[method], heads["vanilla"])
+    with pytest.raises(ValueError, match="unknown method"):
+        study.prepare("fancy", pretrained, 8, 4, 0)
+
+
+def test_paired_statistics_and_the_finding_say_what_happened():
+    runs = [study.Run(m, s, d, 0.01) for s, ds in enumerate([(0.60, 0.64, 0.66), (0.62, 0.65, 0.69),
+                                                               (0.58, 0.61, 0.65)])
+            for m, d in zip(("vanilla", "acnorm-T1", "identity-S"), ds)]
+    rows = {r["method"]: r for r in study.summary(runs)}
+    assert rows["acnorm-T1"]["vs_vanilla"][0] == pytest.approx(0.0333, abs=1e-4)
+    assert rows["acnorm-T1"]["vs_vanilla"][1] < 0.05
+    text = study.finding(list(rows.values()))
+    assert "acnorm-T1" in text and "cannot credit the correlation" in text
+
+
+def test_missing_target_data_says_what_to_install(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(data, "MRICRON", tmp_path)
+    with pytest.raises(data.MissingData, match="apt-get install mricron-data"):
+        data.load_target()
+
+
+def test_smoke_run_end_to_end(tmp_path, capsys):
+    try:
+        data.load_target()
+        data.load_source()
+    except data.MissingData as error:
+        if os.environ.get("ACNORM_EXPECT_DEMO_DATA") == "1":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
+    report = (tmp_path / "demo.md").read_text()
+    for method in study.METHODS:
+        assert f"| {method} |" in report
+    assert "**Finding.**" in report and (tmp_path / "demo.json").is_file()
+    assert list((tmp_path / "cache").glob("source-unet-*.pt"))
