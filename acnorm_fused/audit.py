@@ -90,6 +90,11 @@ class KernelFacts:
     error: str = ""
 
     @property
+    def per_tile(self) -> int:
+        """16-byte accesses one streamed tensor's tile needs per thread."""
+        return max(1, self.stream_bytes // 16)
+
+    @property
     def vector_accesses(self) -> tuple[int, int]:
         """16-byte loads and stores per tile that the streamed tensors' alignment buys."""
         return (self.loads.get(16, 0) - self.unaligned_loads.get(16, 0),
@@ -106,7 +111,7 @@ class KernelFacts:
         if self.local:
             found.append(f"{where}: {self.local} bytes of local memory (spills)")
         if self.streams:
-            per_tile = max(1, self.stream_bytes // 16)
+            per_tile = self.per_tile
             loads, stores = self.vector_accesses
             if loads < self.streams * per_tile:
                 found.append(f"{where}: {loads} 16-byte streaming loads per tile, {self.streams * per_tile} "
@@ -156,13 +161,21 @@ def _case_tensors(shape, dtype: str, layout: str, device: str):
     return x, affines, running
 
 
-def run_steps(backend, x, affines, running, activation: str) -> None:
-    """A training forward and backward, and an eval forward, through ``backend``."""
+def _as_is(step: str, inputs: list[torch.Tensor], fn: Callable):
+    return fn()
+
+
+def run_steps(backend, x, affines, running, activation: str, around: Callable = _as_is) -> None:
+    """A training forward and backward, and an eval forward, through ``backend``;
+    each step runs as ``around(step name, its large inputs, the call)``."""
     slope = 0.01
-    out, mean, invstd, _, _, aux = backend.forward(x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope)
-    backend.backward(torch.empty_like(out) if x.is_meta else torch.ones_like(out), x, None, None, None, None,
-                     mean, invstd, aux, True, 1e-5, 1.0, activation, slope)
-    backend.forward(x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope)
+    forward = around("forward", [x], lambda: backend.forward(
+        x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope))
+    _, mean, invstd, _, _, aux = forward
+    grad = torch.randn_like(forward[0])
+    around("backward", [x, grad], lambda: backend.backward(
+        grad, x, None, None, None, None, mean, invstd, aux, True, 1e-5, 1.0, activation, slope))
+    around("eval", [x], lambda: backend.forward(x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope))
 
 
 def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch]:
@@ -377,7 +390,6 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
     x.normal_()
     case = f"{'x'.join(map(str, shape))} {dtype} {layout}"
     results = []
-
     splits = geometry(x).splits
 
     def measured(step, inputs, fn):
@@ -389,15 +401,7 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
         results.append(Traffic(case, step, x.numel(), x.element_size(), shape[1], splits, stream, side))
         return value
 
-    slope = 0.01
-    forward = measured("forward", [x], lambda: triton_backend.forward(
-        x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope))
-    _, mean, invstd, _, _, aux = forward
-    grad = torch.randn_like(forward[0])
-    measured("backward", [x, grad], lambda: triton_backend.backward(
-        grad, x, None, None, None, None, mean, invstd, aux, True, 1e-5, 1.0, activation, slope))
-    measured("eval", [x], lambda: triton_backend.forward(
-        x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope))
+    run_steps(triton_backend, x, affines, running, activation, around=measured)
     return results
 
 
@@ -479,7 +483,8 @@ def _static_main(archs: Sequence[int], quick: bool) -> None:
     else:
         launches = default_launches()
     facts = compile_launches(launches, archs, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    print(json.dumps([f.__dict__ | {"findings": f.findings()} for f in facts]))
+    print(json.dumps([f.__dict__ | {"findings": f.findings(), "per_tile": f.per_tile,
+                                    "vector_accesses": f.vector_accesses} for f in facts]))
 
 
 def _traffic_main() -> None:
@@ -547,11 +552,8 @@ def to_markdown(raw: dict, archs: Sequence[int], findings: Sequence[str]) -> str
     ]
     rows = []
     for f in sorted(raw["triton_kernels"], key=lambda f: (f["name"], f["config"], f["arch"])):
-        per_tile = max(1, f["stream_bytes"] // 16)
-        loads = f["loads"].get("16", f["loads"].get(16, 0)) - f["unaligned_loads"].get(
-            "16", f["unaligned_loads"].get(16, 0))
-        stores = f["stores"].get("16", f["stores"].get(16, 0)) - f["unaligned_stores"].get(
-            "16", f["unaligned_stores"].get(16, 0))
+        per_tile = f["per_tile"]
+        loads, stores = f["vector_accesses"]
         vector = (f"{loads}/{f['streams'] * per_tile} ld" + (f", {stores}/{per_tile} st" if f["writes"] else "")
                   if f["streams"] else "-")
         rows.append((f["name"], f["config"], f"sm_{f['arch']}", f["registers"], f["shared"], f["local"],
