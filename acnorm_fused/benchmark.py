@@ -345,13 +345,15 @@ def run(
     warmup: int = 3,
     progress: Callable[[str], None] | None = None,
     compile_reference: bool = True,
+    on_result: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
     """Benchmark every case, reporting each finished row through ``progress``.
 
     On a CPU, ``repeats`` interleaved wall-clock steps after ``warmup`` ones; on
     a CUDA device, ``max(repeats // 5, 1)`` rounds of ``do_bench`` runs of
     ``10 * repeats`` ms each, with ``torch.compile`` of the reference when
-    ``compile_reference``.
+    ``compile_reference``. ``on_result`` gets the results so far after each
+    case, so that a run cut short still leaves its finished rows.
     """
     results = []
     for index, case in enumerate(cases, 1):
@@ -365,6 +367,8 @@ def run(
                 f"[{index}/{len(cases)}] {case.label()}: ref/acnorm "
                 f"{result.reference_over_acnorm:.2f}, acnorm/bn {result.acnorm_over_batchnorm:.2f}"
             )
+        if on_result is not None:
+            on_result(results)
     return results
 
 

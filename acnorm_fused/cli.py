@@ -66,11 +66,12 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _write_tables(folder: Path, stem: str, markdown: str, json_text: str) -> None:
+def _write_tables(folder: Path, stem: str, markdown: str, json_text: str, quiet: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.md").write_text(markdown)
     (folder / f"{stem}.json").write_text(json_text)
-    print(f"acnorm bench: wrote {folder / (stem + '.md')} and {folder / (stem + '.json')}", file=sys.stderr)
+    if not quiet:
+        print(f"acnorm bench: wrote {folder / (stem + '.md')} and {folder / (stem + '.json')}", file=sys.stderr)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -102,10 +103,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sync_processes is not None:
         return _bench_sync(args, cases, device, machine)
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
+
+    def write_partial(results: list[benchmark.Result]) -> None:
+        # Rewritten after every case: a run stopped by a time limit keeps its finished rows.
+        if args.out is not None and len(results) < len(cases):
+            _write_tables(args.out, "bench", benchmark.to_markdown(results, machine),
+                          benchmark.to_json(results, machine), quiet=True)
+
     results = benchmark.run(
         cases, device, repeats=args.repeats, warmup=args.warmup,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
-        compile_reference=not args.no_compile,
+        compile_reference=not args.no_compile, on_result=write_partial,
     )
     table = benchmark.to_markdown(results, machine)
     print(table)
