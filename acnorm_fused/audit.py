@@ -334,6 +334,11 @@ class Traffic:
                 f"{self.excess()} bytes over the minimum of {MIN_TRAFFIC[self.step]} (allowed {self.allowance()})"]
 
 
+# The oldest triton whose interpreter the byte count was run with; 3.6's
+# interpreter fails on loop bounds computed from program ids.
+INTERPRETER_MIN_TRITON = (3, 9)
+
+
 @contextlib.contextmanager
 def recording_accesses(accesses: list) -> Iterator[None]:
     """Record every global load and store the interpreter makes inside the block,
@@ -348,13 +353,15 @@ def recording_accesses(accesses: list) -> Iterator[None]:
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)]
         accesses.append((addresses, ptrs.get_element_ty().primitive_bitwidth // 8))
 
-    def recorded_load(ptrs, mask, other, cache_policy, is_volatile):
+    # The builder's trailing arguments (cache policy, volatility, ...) vary
+    # between triton versions: pass them through.
+    def recorded_load(ptrs, mask, *args, **kwargs):
         record(ptrs, mask)
-        return load(ptrs, mask, other, cache_policy, is_volatile)
+        return load(ptrs, mask, *args, **kwargs)
 
-    def recorded_store(ptrs, value, mask, cache_policy):
+    def recorded_store(ptrs, value, mask, *args, **kwargs):
         record(ptrs, mask)
-        return store(ptrs, value, mask, cache_policy)
+        return store(ptrs, value, mask, *args, **kwargs)
 
     builder.create_masked_load, builder.create_masked_store = recorded_load, recorded_store
     try:

@@ -60,7 +60,7 @@ run 30 "acnorm info" "$PY" -m acnorm_fused.cli info
 # The tests spend most of their time compiling Triton kernels, a CPU job:
 # spread them over processes when pytest-xdist is there.
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=8)
-if "$PY" -c 'import xdist' 2>/dev/null; then PYTEST+=(-n 8); fi
+if "$PY" -c 'import xdist' 2>/dev/null; then PYTEST+=(-n 6 --dist loadgroup); fi
 # Most important first: correctness on the benchmark shapes (both kernel
 # backends), then the table (the CUDA kernels as auto's pick, Triton beside
 # them), then the kernel test grid (compiled for the GPU this time).

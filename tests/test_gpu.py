@@ -43,6 +43,8 @@ def test_cuda_training_step_matches_reference(backend, dtype, memory_format, ker
     x = random_input((2, 8, 6, 7, 9), 2, torch.float64)
     grad = random_input(x.shape, 3, torch.float64)
 
+    # The reference sees the same (rounded) values as the GPU.
+    x, grad = x.to(dtype).double(), grad.to(dtype).double()
     xg = x.to("cuda", dtype).contiguous(memory_format=memory_format).requires_grad_()
     out = gpu(xg)
     out.backward(grad.to("cuda", dtype).contiguous(memory_format=memory_format))
@@ -76,11 +78,26 @@ def _assert_relative(actual, expected, rel):
     assert error <= rel * max(scale, 1e-12), f"max error {error:.3e} against magnitude {scale:.3e}"
 
 
+def _grad_off_disputed_branches(out, expected, grad):
+    """``grad`` with zeros where ``out`` and ``expected`` (outputs of a
+    ReLU-like activation) took different branches.
+
+    Where the pre-activation is within rounding of 0, two correct
+    implementations can disagree on its sign; the outputs then agree to that
+    rounding, but the input gradients differ by the whole ``scale * dy``. On
+    tens of millions of values a few such positions are expected; they are
+    few or a kernel is wrong."""
+    disputed = (out > 0) != (expected > 0)
+    assert disputed.sum().item() <= max(8, out.numel() // 1_000_000), "activation branches disagree widely"
+    return grad.masked_fill(disputed, 0)
+
+
 BENCH_CASES = [(shape, torch.contiguous_format) for shape in benchmark.GPU_SHAPES] + [
     (shape, torch.channels_last_3d) for shape in benchmark.GPU_CHANNELS_LAST_SHAPES
 ]
 
 
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.parametrize("shape,memory_format", BENCH_CASES,
                          ids=[f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}" for s, f in BENCH_CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -98,14 +115,14 @@ def test_kernels_on_benchmark_shapes_match_reference(shape, memory_format, dtype
 
     xt = x.detach().requires_grad_()
     out = layer(xt)
-    out.backward(grad)
     assert out.is_contiguous(memory_format=memory_format)
     xr = x.detach().double().requires_grad_()
     expected = reference(xr)
-    expected.backward(grad.double())
-
     rel = 1e-5 if dtype == torch.float32 else 1e-2
     _assert_relative(out, expected, rel)
+    grad = _grad_off_disputed_branches(out, expected, grad)
+    out.backward(grad)
+    expected.backward(grad.double())
     del out, expected
     _assert_relative(xt.grad, xr.grad, 10 * rel)
     _assert_relative(layer.weight_target.grad, reference.weight_target.grad, 1e-4)
@@ -115,6 +132,7 @@ def test_kernels_on_benchmark_shapes_match_reference(shape, memory_format, dtype
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("gpu_memory")
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernels_index_past_two_to_the_31(backend, kernels):
     """A bf16 input of more than 2^31 elements: the second channel ends past
@@ -146,6 +164,12 @@ def _train_step(layer, x, grad):
     return out.detach(), xi.grad, layer.weight_target.grad.clone()
 
 
+def _forward(layer, x):
+    """The layer's output on a fresh leaf copy of ``x`` (and that leaf)."""
+    xi = x.detach().requires_grad_()
+    return layer(xi), xi
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last_3d])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_matches_triton(memory_format, dtype, cuda_kernels):
@@ -156,10 +180,14 @@ def test_cuda_matches_triton(memory_format, dtype, cuda_kernels):
     x = (3.0 + torch.randn(shape, generator=generator, device="cuda")).to(dtype)
     x = x.contiguous(memory_format=memory_format)
     grad = torch.randn(shape, generator=generator, device="cuda").to(dtype).contiguous(memory_format=memory_format)
+    layers = {backend: make_layer(acn.ACNorm3d, shape[1], seed=41, backend=backend,
+                                  activation="leaky_relu").cuda() for backend in KERNEL_BACKENDS}
+    steps = {backend: _forward(layer, x) for backend, layer in layers.items()}
+    grad = _grad_off_disputed_branches(steps["cuda"][0], steps["triton"][0], grad)
     results = {}
-    for backend in KERNEL_BACKENDS:
-        layer = make_layer(acn.ACNorm3d, shape[1], seed=41, backend=backend, activation="leaky_relu").cuda()
-        results[backend] = (*_train_step(layer, x, grad), layer.running_var)
+    for backend, (out, xi) in steps.items():
+        out.backward(grad)
+        results[backend] = (out.detach(), xi.grad, layers[backend].weight_target.grad, layers[backend].running_var)
     for got, expected in zip(results["cuda"], results["triton"]):
         _assert_relative(got, expected, 1e-5 if dtype == torch.float32 else 1e-2)
 

@@ -152,11 +152,18 @@ __device__ __forceinline__ float affinity_logit(float y_target, float y_source, 
 }
 
 // Softmax entry A[i, j] from the row's maximum logit and exponential sum.
-// Every kernel computes A with this one expression, so the entries S keeps
-// (those >= the diagonal entry, ties included) agree between them.
 __device__ __forceinline__ float affinity(float y_target, float y_source, float row_max, float row_sum,
                                           float temperature) {
   return expf(affinity_logit(y_target, y_source, temperature) - row_max) / row_sum;
+}
+
+// Whether S keeps A[i, j], i.e. A[i, j] >= A[i, i] with ties included, decided
+// on the distances |y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]| that the softmax maps
+// monotonically onto A. A subtraction rounds alike wherever it is compiled;
+// exp and the division may be contracted differently at each call site, which
+// in the Triton kernels dropped diagonal entries from S on a GPU.
+__device__ __forceinline__ bool kept_in_s(float y_target, float y_source, float y_source_own) {
+  return fabsf(y_target - y_source) <= fabsf(y_target - y_source_own);
 }
 
 // Rows of aux (see acnorm_fused/backends/multipass.py).

@@ -65,12 +65,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_k
   for (int64_t j = lane; j < C; j += kWarpSize)
     row_sum += expf(affinity_logit(y_target, source_signature(a.affines, C, j, a.eps), a.temperature) - row_max);
   row_sum = warp_sum(row_sum);
-  const float diagonal = affinity(y_target, y_source_own, row_max, row_sum, a.temperature);
   float w_sum = 0.f, b_sum = 0.f;
   for (int64_t j = lane; j < C; j += kWarpSize) {
-    const float entry =
-        affinity(y_target, source_signature(a.affines, C, j, a.eps), row_max, row_sum, a.temperature);
-    const float s = entry >= diagonal ? entry : 0.f;
+    const float y_source = source_signature(a.affines, C, j, a.eps);
+    const float s = kept_in_s(y_target, y_source, y_source_own)
+                        ? affinity(y_target, y_source, row_max, row_sum, a.temperature) : 0.f;
     w_sum += s * gamma_t[j];
     b_sum += s * beta_t[j];
   }
@@ -139,9 +138,8 @@ target_grad_kernel(const float* __restrict__ aux, const float* __restrict__ grad
     const float y_target = aux[kTargetSig * C + i];
     const float row_max = aux[kRowMax * C + i];
     const float row_sum = aux[kRowSum * C + i];
-    const float diagonal = affinity(y_target, aux[kSourceSig * C + i], row_max, row_sum, temperature);
-    const float entry = affinity(y_target, y_source, row_max, row_sum, temperature);
-    const float s = entry >= diagonal ? entry : 0.f;
+    const float s = kept_in_s(y_target, y_source, aux[kSourceSig * C + i])
+                        ? affinity(y_target, y_source, row_max, row_sum, temperature) : 0.f;
     acc_w += s * grad_affine[i];
     acc_b += s * grad_affine[C + i];
   }

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .primitives import affinity, affinity_logit, chan_merge, signature
+from .primitives import affinity, affinity_logit, chan_merge, kept_in_s, signature
 
 
 @triton.jit
@@ -98,7 +98,6 @@ def finalise_forward_kernel(
     y_source_own = signature(tl.load(affines_ptr + channels, mask=channel_mask, other=1.0),
                              tl.load(affines_ptr + C + channels, mask=channel_mask, other=0.0), eps)
     row_max, row_sum = _softmax_normalisers(y_target, affines_ptr, C, eps, temperature, BLOCK_CH, BLOCK_J)
-    diagonal = affinity(y_target, y_source_own, row_max, row_sum, temperature)
     w_eff = gamma_t
     b_eff = beta_t
     for j in range(0, C, BLOCK_J):
@@ -107,7 +106,8 @@ def finalise_forward_kernel(
         y_source = signature(tl.load(affines_ptr + cols, mask=col_mask, other=1.0),
                              tl.load(affines_ptr + C + cols, mask=col_mask, other=0.0), eps)
         a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
-        s = tl.where(col_mask[None, :] & (a >= diagonal[:, None]), a, 0.0)
+        kept = kept_in_s(y_target[:, None], y_source[None, :], y_source_own[:, None])
+        s = tl.where(col_mask[None, :] & kept, a, 0.0)
         gamma_cols = tl.load(affines_ptr + 2 * C + cols, mask=col_mask, other=0.0)
         beta_cols = tl.load(affines_ptr + 3 * C + cols, mask=col_mask, other=0.0)
         w_eff += tl.sum(s * gamma_cols[None, :], axis=1)
@@ -173,9 +173,9 @@ def target_grad_kernel(
         y_target = tl.load(aux_ptr + 5 * C + rows, mask=row_mask, other=0.0)
         row_max = tl.load(aux_ptr + 6 * C + rows, mask=row_mask, other=0.0)
         row_sum = tl.load(aux_ptr + 7 * C + rows, mask=row_mask, other=1.0)
-        diagonal = affinity(y_target, y_source_own, row_max, row_sum, temperature)
         a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
-        s = tl.where(row_mask[:, None] & col_mask[None, :] & (a >= diagonal[:, None]), a, 0.0)
+        kept = kept_in_s(y_target[:, None], y_source[None, :], y_source_own[:, None])
+        s = tl.where(row_mask[:, None] & col_mask[None, :] & kept, a, 0.0)
         acc_w += tl.sum(s * tl.load(grad_affine_ptr + rows, mask=row_mask, other=0.0)[:, None], axis=0)
         acc_b += tl.sum(s * tl.load(grad_affine_ptr + C + rows, mask=row_mask, other=0.0)[:, None], axis=0)
     tl.store(out_ptr + cols, acc_w, mask=col_mask)

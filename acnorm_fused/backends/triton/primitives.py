@@ -68,7 +68,17 @@ def affinity_logit(y_target, y_source, temperature):
 
 @triton.jit
 def affinity(y_target, y_source, row_max, row_sum, temperature):
-    """Softmax entry ``A[i, j]`` from the row's maximum logit and exponential sum.
-    Every kernel computes A with this one expression, so the entries that S
-    keeps (those >= the diagonal entry, ties included) agree between them."""
+    """Softmax entry ``A[i, j]`` from the row's maximum logit and exponential sum."""
     return tl.exp(affinity_logit(y_target, y_source, temperature) - row_max) / row_sum
+
+
+@triton.jit
+def kept_in_s(y_target, y_source, y_source_own):
+    """Whether S keeps ``A[i, j]``: ``A[i, j] >= A[i, i]``, ties included.
+
+    Decided on the distances ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, which
+    the softmax maps monotonically onto A: a subtraction rounds the same in
+    every compiled context, while ``exp`` and the division may be fused and
+    rounded differently where the diagonal entry and the row's entries are
+    computed, which on a GPU dropped diagonal entries from S."""
+    return tl.abs(y_target - y_source) <= tl.abs(y_target - y_source_own)
