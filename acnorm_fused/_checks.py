@@ -122,15 +122,53 @@ AFFINE_NAMES = ("weight", "bias", "weight_target", "bias_target")
 
 def check_finite_affines(name: str, affines: Tensor) -> None:
     """Raise if the stacked ``(4, C)`` affine rows (see
-    :func:`acnorm_fused.correlation.stack_affines`) hold NaN or infinity."""
-    # A host read is impossible while a CUDA graph is being captured; the
-    # parameters were checked by the eager calls that precede any capture.
-    if affines.is_cuda and torch.cuda.is_current_stream_capturing():
+    :func:`acnorm_fused.correlation.stack_affines`) hold NaN or infinity.
+
+    On a CPU the check is immediate. On a GPU a host read would make every
+    training step wait for the GPU to finish the work queued before it (about
+    doubling the step time of mid-sized layers), so the check is queued with
+    the step and its result read by a later call on the same GPU, which
+    raises naming the layer whose parameters were not finite; the call that
+    saw them returns its (NaN) output. Running statistics do not depend on
+    the parameters, so nothing is corrupted meanwhile.
+    """
+    if affines.is_cuda:
+        _queue_finite_check(name, affines)
         return
     # One reduction and one host read on the fast path: a finite sum means
     # finite entries; an overflowing sum of finite entries is not an error.
     if math.isfinite(affines.sum().item()):
         return
-    bad = [pname for pname, row in zip(AFFINE_NAMES, affines) if not bool(torch.isfinite(row).all())]
+    _raise_if_not_finite(name, torch.isfinite(affines).all(dim=1).tolist())
+
+
+def _raise_if_not_finite(name: str, finite_rows: list[bool], note: str = "") -> None:
+    bad = [pname for pname, finite in zip(AFFINE_NAMES, finite_rows) if not finite]
     if bad:
-        raise ValueError(f"{name}: {', '.join(bad)} contain(s) NaN or infinite values")
+        raise ValueError(f"{name}: {', '.join(bad)} contain(s) NaN or infinite values{note}")
+
+
+# Per GPU, the queued checks not read yet: (event after the check, pinned
+# per-row flags, caller), oldest first.
+_PENDING_CHECKS: dict[torch.device, list[tuple[torch.cuda.Event, Tensor, str]]] = {}
+# Past this many unread checks the oldest is waited for: a bound on how late
+# an error can come when the host runs far ahead of the GPU.
+_MAX_PENDING_CHECKS = 8
+
+
+def _queue_finite_check(name: str, affines: Tensor) -> None:
+    # A host read is impossible while a CUDA graph is being captured; the
+    # parameters were checked by the eager calls that precede any capture.
+    if torch.cuda.is_current_stream_capturing():
+        return
+    pending = _PENDING_CHECKS.setdefault(affines.device, [])
+    while pending and (len(pending) >= _MAX_PENDING_CHECKS or pending[0][0].query()):
+        event, flags, caller = pending.pop(0)
+        event.synchronize()
+        _raise_if_not_finite(caller, flags.tolist(), " (found after that call returned: on a GPU the "
+                             "check is read by a later call so that no step waits for the GPU)")
+    flags = torch.empty(len(AFFINE_NAMES), dtype=torch.bool, pin_memory=True)
+    flags.copy_(torch.isfinite(affines).all(dim=1), non_blocking=True)
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(affines.device))
+    pending.append((event, flags, name))

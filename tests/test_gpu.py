@@ -63,6 +63,24 @@ def test_cuda_training_step_matches_reference(backend, dtype, memory_format, ker
     assert_close(gpu(xg.detach()).cpu(), reference(x), dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", *KERNEL_BACKENDS])
+def test_non_finite_parameters_are_reported_by_a_later_call(backend, kernels):
+    """On a GPU the finite check is read without waiting: a later call raises,
+    naming the layer and the parameter."""
+    layer = make_layer(acn.ACNorm3d, 4, seed=50, backend=backend).cuda()
+    x = random_input((2, 4, 3, 3, 3), 51).cuda()
+    layer(x)
+    with torch.no_grad():
+        layer.weight_target[1] = float("nan")
+    assert torch.isnan(layer(x)).any()  # the call that sees them returns
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        layer.weight_target[1] = 1.0
+    with pytest.raises(ValueError, match=r"ACNorm3d\(4\): weight_target contain.*later call"):
+        layer(x)
+    layer(x)  # reported once; finite parameters pass again
+
+
 def test_cuda_compile_fullgraph():
     layer = make_layer(acn.ACNorm3d, 4, seed=4).cuda()
     compiled = torch.compile(copy.deepcopy(layer), fullgraph=True)
