@@ -125,12 +125,12 @@ def check_finite_affines(name: str, affines: Tensor) -> None:
     :func:`acnorm_fused.correlation.stack_affines`) hold NaN or infinity.
 
     On a CPU the check is immediate. On a GPU a host read would make every
-    training step wait for the GPU to finish the work queued before it (about
-    doubling the step time of mid-sized layers), so the check is queued with
-    the step and its result read by a later call on the same GPU, which
-    raises naming the layer whose parameters were not finite; the call that
-    saw them returns its (NaN) output. Running statistics do not depend on
-    the parameters, so nothing is corrupted meanwhile.
+    training step wait for the GPU to finish the work queued before it, so
+    the check is queued with the step and its result read by a later call on
+    the same GPU, which raises naming the layer whose parameters were not
+    finite; the call that saw them returns its (NaN) output. Running
+    statistics do not depend on the parameters, so nothing is corrupted
+    meanwhile.
     """
     if affines.is_cuda:
         _queue_finite_check(name, affines)
