@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"acnorm demo: {error}", file=sys.stderr)
         return 2
     print(report)
-    print(f"acnorm demo: wrote {args.out / 'demo.md'}, demo.json and demo.png", file=sys.stderr)
+    print(f"acnorm demo: wrote {args.out / 'demo.md'}, demo.json, demo.png and demo-zoo.png", file=sys.stderr)
     return 0
 
 

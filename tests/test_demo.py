@@ -4,6 +4,8 @@ sets ACNORM_EXPECT_DEMO_DATA=1, so their absence fails there)."""
 
 from __future__ import annotations
 
+import json
+import math
 import os
 
 import pytest
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from acnorm_fused import cli
 from acnorm_fused.correlation import affinity_from_stack, stack_affines
-from acnorm_fused.demo import data, study
+from acnorm_fused.demo import data, study, zoo
 from acnorm_fused.modules import ACNorm2d
 
 from conftest import make_affines, random_input
@@ -96,6 +98,42 @@ def test_paired_statistics_and_the_finding_say_what_happened():
     assert "acnorm-T1" in text and "cannot credit the correlation" in text
 
 
+def test_restoration_input_is_noisy_with_a_third_of_the_cells_blanked():
+    images = torch.ones(6, 1, 88, 108)
+    corrupted = zoo.corrupt(images, torch.Generator().manual_seed(0))
+    again = zoo.corrupt(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(corrupted, again)
+    blank = corrupted == 0
+    assert 0.25 < blank.float().mean().item() < 0.42
+    kept = corrupted[~blank] - 1.0
+    assert 0.4 < kept.std().item() < 0.6 and abs(kept.mean().item()) < 0.02
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_kendall_tau_keeps_its_sign(sign):
+    dice = {"tissue": 0.6, "restoration-T1": 0.5, "restoration-xray": 0.45, "random": 0.4}
+    runs = [zoo.ZooRun(source, seed, sign * d + 0.01 * seed, d + 0.001 * seed)
+            for seed in range(2) for source, d in dice.items()]
+    tau, p, points = zoo.kendall(runs)["the source means"]
+    assert tau == pytest.approx(sign) and points == 4
+    assert zoo.kendall(runs)["every (source, seed) run"][2] == 8
+    text = zoo.finding(runs)
+    assert ("is positive" if sign > 0 else "is negative") in text
+    assert "tissue, restoration-T1, restoration-xray, random" in text
+
+
+def test_xray_crops_are_slices_of_the_radiographs():
+    try:
+        crops = data.load_xray_crops(5)
+    except data.MissingData as error:
+        if os.environ.get("ACNORM_EXPECT_DEMO_DATA") == "1":
+            pytest.fail(str(error))
+        pytest.skip(str(error))
+    assert crops.shape == (5, *data.GRID_SHAPE[:2]) and crops.dtype == "float32"
+    assert abs(crops.mean()) < 1e-4 and crops.std(axis=(1, 2)) == pytest.approx([1.0] * 5, abs=1e-3)
+    assert len({round(float(c[0, 0]), 4) for c in crops}) == 5  # five different places
+
+
 def test_missing_target_data_says_what_to_install(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(data, "MRICRON", tmp_path)
     with pytest.raises(data.MissingData, match="apt-get install mricron-data"):
@@ -116,3 +154,10 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
         assert f"| {method} |" in report
     assert "**Finding.**" in report and (tmp_path / "demo.json").is_file()
     assert list((tmp_path / "cache").glob("source-unet-*.pt"))
+    assert "## Transferability" in report and "Kendall's tau" in report
+    for source in zoo.SOURCES:
+        assert f"| {source} |" in report
+    transfer = json.loads((tmp_path / "demo.json").read_text())["transferability"]
+    assert {r["source"] for r in transfer} == set(zoo.SOURCES)
+    assert all(math.isfinite(r["ac_corr"]) and 0 < r["ac_corr"] for r in transfer)
+    assert len(list((tmp_path / "cache").glob("zoo-restoration-*.pt"))) == 2

@@ -11,8 +11,12 @@ resampled to one grid.
   a few-shot segmentation.
 
 Both are in MNI space; they are resampled (linear for intensities, nearest for
-labels) to a common 2 mm grid whose axial slices the U-Net sees. Nothing of
-the images is stored in this project.
+labels) to a common 2 mm grid whose axial slices the U-Net sees.
+
+An unrelated modality for the transferability check: the two uncompressed
+computed-radiography images (``RG1_UNCI.dcm``, ``RG3_UNCI.dcm``) of the
+``pydicom-data`` package, read with ``pydicom`` and cut into crops the size of
+the brain slices. Nothing of the images is stored in this project.
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ LOBES = {
     "cerebellum": ("Cerebelum_", "Vermis_"),
 }
 TARGET_CLASSES = ("background", *LOBES)
+
+
+# Radiographs of pydicom-data (an unrelated modality) and the factor by which
+# they are shrunk before cutting crops, so a crop spans a few centimetres of
+# anatomy as a brain slice does.
+XRAY_FILES = ("RG1_UNCI.dcm", "RG3_UNCI.dcm")
+XRAY_SHRINK = 4
 
 
 class MissingData(RuntimeError):
@@ -143,3 +154,38 @@ def load_target() -> Domain:
         if len(parts) >= 2 and parts[0].isdigit() and int(parts[0]) < lookup.size:
             lookup[int(parts[0])] = lobe_of_region(parts[1])
     return Domain("Colin27 AAL lobes", _normalise(t1), lookup[aal], TARGET_CLASSES)
+
+
+def _xray_folder() -> Path:
+    spec = importlib.util.find_spec("data_store")
+    if importlib.util.find_spec("pydicom") is None or spec is None or not spec.submodule_search_locations:
+        raise MissingData("the unrelated modality (radiographs) comes with pydicom and pydicom-data: "
+                          "pip install 'acnorm-fused[demo]'")
+    folder = Path(spec.submodule_search_locations[0]) / "data"
+    missing = [name for name in XRAY_FILES if not (folder / name).is_file()]
+    if missing:
+        raise MissingData(f"pydicom-data lacks {', '.join(missing)} in {folder}; reinstall pydicom-data")
+    return folder
+
+
+def load_xray_crops(count: int, seed: int = 0) -> np.ndarray:
+    """``count`` crops (float32, shaped like an axial slice of the grid, each
+    normalised to mean 0 and std 1) from the radiographs, shrunk by
+    :data:`XRAY_SHRINK`, at random places (``seed``) spread over both images."""
+    import pydicom
+
+    folder = _xray_folder()
+    height, width = GRID_SHAPE[0], GRID_SHAPE[1]
+    generator = np.random.default_rng(seed)
+    crops = []
+    for index, name in enumerate(XRAY_FILES):
+        image = pydicom.dcmread(folder / name).pixel_array.astype(np.float32)
+        rows, cols = (size // XRAY_SHRINK * XRAY_SHRINK for size in image.shape)
+        image = image[:rows, :cols].reshape(rows // XRAY_SHRINK, XRAY_SHRINK, cols // XRAY_SHRINK,
+                                            XRAY_SHRINK).mean(axis=(1, 3))
+        for _ in range(count // len(XRAY_FILES) + (index < count % len(XRAY_FILES))):
+            top = generator.integers(0, image.shape[0] - height + 1)
+            left = generator.integers(0, image.shape[1] - width + 1)
+            crop = image[top:top + height, left:left + width]
+            crops.append((crop - crop.mean()) / max(float(crop.std()), 1e-6))
+    return np.stack(crops).astype(np.float32)

@@ -60,20 +60,25 @@ class Settings:
 
     seeds: int = 5
     pretrain_steps: int = 600
-    finetune_steps: int = 300
+    finetune_steps: int = 250
     train_slices: int = 8  # axial slices of the left hemisphere to finetune on
     batch: int = 4
     width: int = 16  # channels of the U-Net's first level
     lr: float = 2e-3
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
+    # The transferability check (:mod:`.zoo`).
+    zoo_seeds: int = 3
+    zoo_pretrain_steps: int = 300  # of each self-supervised source
+    corr_steps: int = 25  # the short AC-Norm finetuning after which AC-Corr is read
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 FULL = Settings()
-SMOKE = Settings(seeds=2, pretrain_steps=10, finetune_steps=4, train_slices=2, batch=2, width=8)
+SMOKE = Settings(seeds=2, pretrain_steps=10, finetune_steps=4, train_slices=2, batch=2, width=8,
+                 zoo_seeds=1, zoo_pretrain_steps=4, corr_steps=2)
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -179,13 +184,15 @@ def dice(prediction: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
 
 def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
            labels: torch.Tensor, mask: torch.Tensor | None, lr: float,
-           penalty: Callable[[], torch.Tensor] | None = None, device: torch.device = torch.device("cpu")) -> float:
+           penalty: Callable[[], torch.Tensor] | None = None, device: torch.device = torch.device("cpu"),
+           after_step: Callable[[int], None] | None = None) -> float:
     """Adam on cross-entropy (inside ``mask``, mirrored with the slices it
-    flips); returns seconds per step."""
+    flips), ``after_step(steps done)`` called after each step; returns
+    seconds per step."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     start = time.perf_counter()
-    for batch, flips in batches:
+    for step, (batch, flips) in enumerate(batches, 1):
         x, y = images[batch].clone(), labels[batch].clone()
         # Left-right mirroring: the network learns both hemispheres' appearance
         # from one (a CNN is not mirror-equivariant by itself).
@@ -199,10 +206,12 @@ def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step(step)
     return (time.perf_counter() - start) / max(len(batches), 1)
 
 
-def _batches(count: int, pool: torch.Tensor, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def draw_batches(count: int, pool: torch.Tensor, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches of slice indices drawn from ``pool``, each with the
     samples to mirror left-right; the same for every method of a seed."""
     generator = torch.Generator().manual_seed(seed)
@@ -222,7 +231,7 @@ def pretrained_source(source: Domain, settings: Settings, cache: Path, device: t
     torch.manual_seed(0)
     model = UNet(len(source.classes), settings.width).to(device)
     images, labels = axial_slices(source)
-    batches = _batches(settings.pretrain_steps, torch.arange(len(images)), 2 * settings.batch, seed=0)
+    batches = draw_batches(settings.pretrain_steps, torch.arange(len(images)), 2 * settings.batch, seed=0)
     progress(f"pretraining on {source.name}: {settings.pretrain_steps} steps")
     _train(model, batches, images, labels, None, settings.lr, device=device)
     cache.mkdir(parents=True, exist_ok=True)
@@ -282,23 +291,31 @@ class Run:
     seconds_per_step: float
 
 
+def finetune(method: str, pretrained: nn.Module, split: TargetSplit, classes: int, settings: Settings,
+             seed: int, device: torch.device,
+             after_step: Callable[[nn.Module, int], None] | None = None) -> Run:
+    """Finetune ``pretrained`` on the target split with ``method`` and the
+    seed's head and batches; ``after_step(model, steps done)`` watches it."""
+    model = prepare(method, pretrained, classes, settings.width, seed).to(device)
+    penalty = _l2sp(model, settings.l2sp_alpha, settings.l2sp_beta) if method == "l2sp" else None
+    watch = None if after_step is None else (lambda step: after_step(model, step))
+    batches = draw_batches(settings.finetune_steps, split.train, settings.batch, seed=1000 + seed)
+    step = _train(model, batches, split.images, split.labels, split.train_mask, settings.lr, penalty, device, watch)
+    return Run(method, seed, evaluate(model, split, classes, device), step)
+
+
 def finetune_all(source: Domain, target: Domain, settings: Settings, cache: Path, device: torch.device,
                  methods=METHODS, progress: Callable[[str], None] = lambda line: None) -> list[Run]:
     """Every method on every seed; the same head and batches per seed."""
     pretrained = pretrained_source(source, settings, cache, device, progress)
     split = target_split(target, settings.train_slices)
-    classes = len(target.classes)
     runs = []
     total = len(methods) * settings.seeds
     for seed in range(settings.seeds):
-        batches = _batches(settings.finetune_steps, split.train, settings.batch, seed=1000 + seed)
         for method in methods:
-            model = prepare(method, pretrained, classes, settings.width, seed).to(device)
-            penalty = _l2sp(model, settings.l2sp_alpha, settings.l2sp_beta) if method == "l2sp" else None
-            step = _train(model, batches, split.images, split.labels, split.train_mask, settings.lr, penalty, device)
-            runs.append(Run(method, seed, evaluate(model, split, classes, device), step))
+            runs.append(finetune(method, pretrained, split, len(target.classes), settings, seed, device))
             progress(f"[{len(runs)}/{total}] seed {seed} {method}: Dice {runs[-1].dice:.3f}, "
-                     f"{1000 * step:.0f} ms/step")
+                     f"{1000 * runs[-1].seconds_per_step:.0f} ms/step")
     return runs
 
 
@@ -408,15 +425,21 @@ def run_study(out: Path, smoke: bool = False, device: torch.device | None = None
     from .. import benchmark
     from .data import load_source, load_target
 
+    from . import zoo
+
     settings = SMOKE if smoke else FULL
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     progress("loading and resampling the images")
     source, target = load_source(), load_target()
     runs = finetune_all(source, target, settings, out / "cache", device, progress=progress)
-    report = to_markdown(runs, settings, benchmark.machine_description(device), time.perf_counter() - start)
+    zoo_runs = zoo.transferability_runs(source, target, settings, out / "cache", device, progress=progress)
+    report = (to_markdown(runs, settings, benchmark.machine_description(device), time.perf_counter() - start)
+              + "\n" + zoo.to_markdown(zoo_runs, settings))
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.md").write_text(report)
-    (out / "demo.json").write_text(json.dumps([asdict(r) for r in runs], indent=1))
+    (out / "demo.json").write_text(json.dumps({"finetuning": [asdict(r) for r in runs],
+                                               "transferability": [asdict(r) for r in zoo_runs]}, indent=1))
     write_plot(runs, out / "demo.png")
+    zoo.write_plot(zoo_runs, out / "demo-zoo.png")
     return report
