@@ -395,13 +395,22 @@ def to_markdown(runs: list[Run], settings: Settings, machine: str, seconds: floa
     return "\n".join(lines) + "\n"
 
 
-def write_plot(runs: list[Run], path: Path) -> bool:
+def pyplot():
+    """matplotlib's pyplot drawing off-screen, or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def write_plot(runs: list[Run], path: Path) -> bool:
+    """Dice of every run, one column per method, means marked."""
+    plt = pyplot()
+    if plt is None:
         return False
     methods = list(dict.fromkeys(r.method for r in runs))
     fig, ax = plt.subplots(figsize=(8, 4))

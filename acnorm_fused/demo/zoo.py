@@ -35,7 +35,8 @@ from torch import nn
 
 from ..transferability import ac_corr
 from .data import Domain, load_xray_crops
-from .study import Settings, UNet, axial_slices, draw_batches, finetune, pretrained_source, target_split
+from .study import (Settings, UNet, axial_slices, draw_batches, finetune, pretrained_source, pyplot,
+                    target_split)
 
 SOURCES = ("tissue", "restoration-T1", "restoration-xray", "random")
 # Radiograph crops the X-ray restoration model trains on.
@@ -192,12 +193,8 @@ def to_markdown(runs: list[ZooRun], settings: Settings) -> str:
 
 def write_plot(runs: list[ZooRun], path: Path) -> bool:
     """AC-Corr against final Dice, one colour per source."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(5, 4))
     for source in dict.fromkeys(r.source for r in runs):

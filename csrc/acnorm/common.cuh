@@ -160,8 +160,8 @@ __device__ __forceinline__ float affinity(float y_target, float y_source, float 
 // Whether S keeps A[i, j], i.e. A[i, j] >= A[i, i] with ties included, decided
 // on the distances |y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]| that the softmax maps
 // monotonically onto A. A subtraction rounds alike wherever it is compiled;
-// exp and the division may be contracted differently at each call site, which
-// in the Triton kernels dropped diagonal entries from S on a GPU.
+// exp and the division may be contracted differently at each call site
+// (comparing A itself lost entries of S in the Triton kernels on a GPU).
 __device__ __forceinline__ bool kept_in_s(float y_target, float y_source, float y_source_own) {
   return fabsf(y_target - y_source) <= fabsf(y_target - y_source_own);
 }

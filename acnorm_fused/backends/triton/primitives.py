@@ -80,5 +80,5 @@ def kept_in_s(y_target, y_source, y_source_own):
     the softmax maps monotonically onto A: a subtraction rounds the same in
     every compiled context, while ``exp`` and the division may be fused and
     rounded differently where the diagonal entry and the row's entries are
-    computed, which on a GPU dropped diagonal entries from S."""
+    computed (comparing A itself lost entries of S on a GPU)."""
     return tl.abs(y_target - y_source) <= tl.abs(y_target - y_source_own)
