@@ -271,11 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser(
-        "demo", help="finetuning study on real brain MRI: AC-Norm against vanilla, L2-SP and controls",
+        "demo", help="finetuning study on real brain MRI: AC-Norm against vanilla, L2-SP and controls, "
+        "and whether AC-Corr ranks a zoo of source models",
     )
     demo.add_argument("--smoke", action="store_true", help="a tiny run (well under a minute) that checks the pipeline")
     demo.add_argument("--out", type=Path, default=Path("demo-out"),
-                      help="folder for the report, plot, raw runs and the cached source model (default demo-out)")
+                      help="folder for the report, plots, raw runs and the cached source models (default demo-out)")
     demo.set_defaults(func=cmd_demo)
 
     rank = sub.add_parser(
