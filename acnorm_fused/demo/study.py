@@ -219,24 +219,35 @@ def draw_batches(count: int, pool: torch.Tensor, batch: int, seed: int) -> list[
              torch.rand(batch, generator=generator) < 0.5) for _ in range(count)]
 
 
+def cached_model(path: Path, build: Callable[[], nn.Module], train: Callable[[nn.Module], None],
+                 device: torch.device, progress: Callable[[str], None], label: str) -> nn.Module:
+    """``build()`` trained by ``train`` from seed 0 and saved at ``path``, or
+    loaded from ``path`` when a run before saved it."""
+    if path.is_file():
+        model = build()
+        model.load_state_dict(torch.load(path, map_location="cpu"))
+        progress(f"{label} from {path}")
+        return model.to(device)
+    torch.manual_seed(0)
+    model = build().to(device)
+    train(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+    return model
+
+
 def pretrained_source(source: Domain, settings: Settings, cache: Path, device: torch.device,
                       progress: Callable[[str], None]) -> nn.Module:
     """The U-Net trained on the source task, from ``cache`` when it is there."""
-    path = cache / f"source-unet-{settings.key()}.pt"
-    model = UNet(len(source.classes), settings.width)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        progress(f"pretrained source model from {path}")
-        return model.to(device)
-    torch.manual_seed(0)
-    model = UNet(len(source.classes), settings.width).to(device)
-    images, labels = axial_slices(source)
-    batches = draw_batches(settings.pretrain_steps, torch.arange(len(images)), 2 * settings.batch, seed=0)
-    progress(f"pretraining on {source.name}: {settings.pretrain_steps} steps")
-    _train(model, batches, images, labels, None, settings.lr, device=device)
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
+
+    def train(model: nn.Module) -> None:
+        images, labels = axial_slices(source)
+        batches = draw_batches(settings.pretrain_steps, torch.arange(len(images)), 2 * settings.batch, seed=0)
+        progress(f"pretraining on {source.name}: {settings.pretrain_steps} steps")
+        _train(model, batches, images, labels, None, settings.lr, device=device)
+
+    return cached_model(cache / f"source-unet-{settings.key()}.pt", lambda: UNet(len(source.classes), settings.width),
+                        train, device, progress, "pretrained source model")
 
 
 def prepare(method: str, pretrained: nn.Module, classes: int, width: int, seed: int) -> nn.Module:

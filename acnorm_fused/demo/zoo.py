@@ -35,8 +35,8 @@ from torch import nn
 
 from ..transferability import ac_corr
 from .data import Domain, load_xray_crops
-from .study import (Settings, UNet, axial_slices, draw_batches, finetune, pretrained_source, pyplot,
-                    target_split)
+from .study import (Settings, UNet, axial_slices, cached_model, draw_batches, finetune, pretrained_source,
+                    pyplot, target_split)
 
 SOURCES = ("tissue", "restoration-T1", "restoration-xray", "random")
 # Radiograph crops the X-ray restoration model trains on.
@@ -59,27 +59,22 @@ def pretrained_restoration(name: str, images: torch.Tensor, settings: Settings, 
                            device: torch.device, progress: Callable[[str], None]) -> nn.Module:
     """A U-Net trained to restore ``images`` (N, 1, X, Y) from :func:`corrupt`
     (mean squared error), from ``cache`` when it is there."""
-    path = cache / f"zoo-{name}-{settings.key()}.pt"
-    model = UNet(1, settings.width)
-    if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        progress(f"{name} source model from {path}")
-        return model.to(device)
-    torch.manual_seed(0)
-    model = UNet(1, settings.width).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    generator = torch.Generator().manual_seed(0)
-    progress(f"pretraining {name}: {settings.zoo_pretrain_steps} steps")
-    model.train()
-    for batch, _ in draw_batches(settings.zoo_pretrain_steps, torch.arange(len(images)), 2 * settings.batch, seed=0):
-        clean = images[batch]
-        loss = F.mse_loss(model(corrupt(clean, generator).to(device)), clean.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), path)
-    return model
+
+    def train(model: nn.Module) -> None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        generator = torch.Generator().manual_seed(0)
+        progress(f"pretraining {name}: {settings.zoo_pretrain_steps} steps")
+        model.train()
+        for batch, _ in draw_batches(settings.zoo_pretrain_steps, torch.arange(len(images)), 2 * settings.batch,
+                                     seed=0):
+            clean = images[batch]
+            loss = F.mse_loss(model(corrupt(clean, generator).to(device)), clean.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    return cached_model(cache / f"zoo-{name}-{settings.key()}.pt", lambda: UNet(1, settings.width), train,
+                        device, progress, f"{name} source model")
 
 
 def source_models(source: Domain, settings: Settings, cache: Path, device: torch.device,
