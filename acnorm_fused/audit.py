@@ -339,6 +339,17 @@ class Traffic:
 INTERPRETER_MIN_TRITON = (3, 9)
 
 
+def traffic_unsupported() -> str | None:
+    """Why this triton's interpreter cannot count the bytes, or None when it can."""
+    import triton
+
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) >= INTERPRETER_MIN_TRITON:
+        return None
+    return (f"the byte count runs triton's interpreter, which in triton {triton.__version__} cannot run these "
+            "kernels (3.6 fails on loop bounds taken from program ids); it needs triton >= "
+            + ".".join(map(str, INTERPRETER_MIN_TRITON)))
+
+
 @contextlib.contextmanager
 def recording_accesses(accesses: list) -> Iterator[None]:
     """Record every global load and store the interpreter makes inside the block,
@@ -511,6 +522,8 @@ QUICK_CASES = (
 
 def run_part(part: str, *args: str) -> list[dict]:
     """Run one part of the audit in a subprocess with triton in the mode it needs."""
+    if part == "traffic" and traffic_unsupported():
+        raise RuntimeError(traffic_unsupported())
     env = dict(os.environ, TRITON_INTERPRET="1" if part == "traffic" else "0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton's notice
     call = f"import acnorm_fused.audit as a; a._{part}_main({', '.join(args)})"

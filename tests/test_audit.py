@@ -74,11 +74,8 @@ def test_the_rule_flags_regressions(overrides, message):
 
 @pytest.mark.interpret
 def test_fused_ops_stream_the_minimum_bytes():
-    import triton
-
-    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < audit.INTERPRETER_MIN_TRITON:
-        pytest.skip(f"the byte count runs triton's interpreter, which in triton {triton.__version__} "
-                    "cannot run these kernels (3.6 fails on loop bounds taken from program ids)")
+    if audit.traffic_unsupported():
+        pytest.skip(audit.traffic_unsupported())
     traffic = audit.run_part("traffic")
     assert {t["step"] for t in traffic} == {"forward", "backward", "eval"}
     for t in traffic:
