@@ -339,21 +339,16 @@ def test_refuses_float64(backend):
         layer(random_input((2, 3, 4, 4), 19, torch.float64).to(DEVICE))
 
 
-def test_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    layer = make_layer(acn.ACNorm2d, 3, seed=20, backend="triton")
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_compiled_kernels_refuse_cpu_tensors(name, monkeypatch):
+    """Outside triton's interpreter and the host emulation, CPU input is a clear error."""
+    if name == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    else:
+        monkeypatch.setattr(backends, "_load_cuda_extension", lambda: (types.SimpleNamespace(emulated=False), ""))
+    layer = make_layer(acn.ACNorm2d, 3, seed=20, backend=name)
     running_mean = layer.running_mean.clone()
-    with pytest.raises(RuntimeError, match=r"ACNorm2d\(3\): backend 'triton' runs CUDA tensors"):
-        layer(random_input((2, 3, 4, 4), 21))
-    assert torch.equal(layer.running_mean, running_mean)
-    assert int(layer.num_batches_tracked) == 0
-
-
-def test_cuda_refuses_cpu_tensors_for_compiled_kernels(monkeypatch):
-    monkeypatch.setattr(backends, "_load_cuda_extension", lambda: (types.SimpleNamespace(emulated=False), ""))
-    layer = make_layer(acn.ACNorm2d, 3, seed=20, backend="cuda")
-    running_mean = layer.running_mean.clone()
-    with pytest.raises(RuntimeError, match=r"ACNorm2d\(3\): backend 'cuda' runs CUDA tensors"):
+    with pytest.raises(RuntimeError, match=rf"ACNorm2d\(3\): backend '{name}' runs CUDA tensors"):
         layer(random_input((2, 3, 4, 4), 21))
     assert torch.equal(layer.running_mean, running_mean)
     assert int(layer.num_batches_tracked) == 0
