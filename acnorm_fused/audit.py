@@ -522,8 +522,8 @@ QUICK_CASES = (
 
 def run_part(part: str, *args: str) -> list[dict]:
     """Run one part of the audit in a subprocess with triton in the mode it needs."""
-    if part == "traffic" and traffic_unsupported():
-        raise RuntimeError(traffic_unsupported())
+    if part == "traffic" and (reason := traffic_unsupported()):
+        raise RuntimeError(reason)
     env = dict(os.environ, TRITON_INTERPRET="1" if part == "traffic" else "0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton's notice
     call = f"import acnorm_fused.audit as a; a._{part}_main({', '.join(args)})"

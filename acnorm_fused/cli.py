@@ -135,8 +135,8 @@ def _bench_audit(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("triton") is None:
         print("acnorm bench --audit: needs triton (pip install 'acnorm-fused[triton]')", file=sys.stderr)
         return 2
-    if audit.traffic_unsupported():
-        print(f"acnorm bench --audit: {audit.traffic_unsupported()}", file=sys.stderr)
+    if reason := audit.traffic_unsupported():
+        print(f"acnorm bench --audit: {reason}", file=sys.stderr)
         return 2
     module = cuda_extension()
     module_file = module.__file__ if module is not None and not module.emulated else None

@@ -74,8 +74,8 @@ def test_the_rule_flags_regressions(overrides, message):
 
 @pytest.mark.interpret
 def test_fused_ops_stream_the_minimum_bytes():
-    if audit.traffic_unsupported():
-        pytest.skip(audit.traffic_unsupported())
+    if reason := audit.traffic_unsupported():
+        pytest.skip(reason)
     traffic = audit.run_part("traffic")
     assert {t["step"] for t in traffic} == {"forward", "backward", "eval"}
     for t in traffic:
