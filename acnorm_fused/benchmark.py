@@ -277,8 +277,9 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Res
     return result
 
 
-def _captures(step: Callable[[], None]) -> bool:
-    """Whether ``step`` can be captured into a CUDA graph (and run from it)."""
+def capture_graph(step: Callable[[], None]) -> "torch.cuda.CUDAGraph | None":
+    """``step`` captured into a CUDA graph (after one run on a side stream to warm
+    it up), or None when it cannot be captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     try:
@@ -290,10 +291,15 @@ def _captures(step: Callable[[], None]) -> bool:
         graph.replay()
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        return True
+        return graph
     except Exception:  # noqa: BLE001 - any capture failure means "time it eagerly"
         torch.cuda.synchronize()
-        return False
+        return None
+
+
+def _captures(step: Callable[[], None]) -> bool:
+    """Whether ``step`` can be captured into a CUDA graph (and run from it)."""
+    return capture_graph(step) is not None
 
 
 def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, compile_reference: bool) -> Result:

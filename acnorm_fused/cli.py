@@ -102,6 +102,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         machine += ", freed memory reused (glibc mallopt)"
     if args.sync_processes is not None:
         return _bench_sync(args, cases, device, machine)
+    if args.host_profile:
+        return _bench_host(args, device, machine)
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
 
     def write_partial(results: list[benchmark.Result]) -> None:
@@ -179,6 +181,25 @@ def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, mac
     print(table)
     if args.out is not None:
         _write_tables(args.out, "bench-sync", table, benchmark_sync.to_json(results, machine))
+    return 0
+
+
+def _bench_host(args: argparse.Namespace, device: torch.device, machine: str) -> int:
+    """Host time of the eager step against its GPU time, and where the host time goes."""
+    from . import benchmark_host
+
+    if args.shapes:
+        cases = [benchmark.Case(shape, dtype) for shape in args.shapes for dtype in args.dtypes]
+    else:
+        cases = list(benchmark_host.GPU_CASES if device.type == "cuda" else benchmark_host.CPU_CASES)
+    print(f"acnorm bench --host-profile: {len(cases)} cases on {machine}", file=sys.stderr)
+    report = benchmark_host.run(cases, device, machine, repeats=max(args.repeats, 10),
+                                progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "host-profile.md").write_text(report)
+        print(f"acnorm bench: wrote {args.out / 'host-profile.md'}", file=sys.stderr)
     return 0
 
 
@@ -263,6 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--audit", action="store_true",
         help="instead: the kernel audit (Triton kernels compiled for GPU targets, registers, spills, load "
              "widths; bytes per fused op under the interpreter; the CUDA module's kernels); no GPU needed",
+    )
+    bench.add_argument(
+        "--host-profile", action="store_true",
+        help="instead: the eager step's host time against its wall and CUDA-graph time, and the Python "
+             "functions and operators it goes to (--shapes and --dtypes pick the cases)",
     )
     bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
     bench.add_argument("--quick", action="store_true", help="--audit: one launch set per kernel family")

@@ -4,14 +4,14 @@
 # Meant to finish within about 7 minutes (9 if every step used its whole time
 # limit); a failing step does not stop the later ones, and every step leaves
 # what it has finished in the report, so a run cut short still says something.
-# GPU_CHECK_STEPS picks the steps after the build (default: "tests bench kernels").
+# GPU_CHECK_STEPS picks the steps after the build (default: "tests bench profile kernels").
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 PY="${PYTHON:-python3}"
-STEPS=" ${GPU_CHECK_STEPS:-tests bench kernels} "
+STEPS=" ${GPU_CHECK_STEPS:-tests bench profile kernels} "
 export PYTHONUNBUFFERED=1
 
 section() { printf '\n## %s\n\n```\n' "$1" >> "$REPORT"; }
@@ -63,9 +63,11 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=8)
 if "$PY" -c 'import xdist' 2>/dev/null; then PYTEST+=(-n 6 --dist loadgroup); fi
 # Most important first: correctness on the benchmark shapes (both kernel
 # backends), then the table (the CUDA kernels as auto's pick, Triton beside
-# them), then the kernel test grid (compiled for the GPU this time).
+# them), then where the eager step's host time goes, then the kernel test grid
+# (compiled for the GPU this time).
 case $STEPS in *" tests "*) run 150 "GPU tests" "${PYTEST[@]}" -m gpu tests ;; esac
 case $STEPS in *" bench "*) run 210 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 10 --out "$OUT" ;; esac
+case $STEPS in *" profile "*) run 90 "host profile" "$PY" -m acnorm_fused.cli bench --host-profile --out "$OUT" ;; esac
 case $STEPS in *" kernels "*) run 90 "kernel tests on the GPU" "${PYTEST[@]}" -m interpret tests ;; esac
 
 echo "report: $REPORT"

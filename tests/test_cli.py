@@ -90,6 +90,24 @@ def test_bench_sync_processes_writes_its_table(tmp_path, capsys):
     assert "syncbatchnorm" in data["refused"] and "SyncBatchNorm" in table
 
 
+def test_bench_host_profile_writes_its_report(tmp_path, capsys):
+    args = ["bench", "--device", "cpu", "--host-profile", "--shapes", "2x4x3x3x3", "--dtypes", "float32",
+            "--repeats", "10", "--out", str(tmp_path)]
+    assert main(args) == 0
+    report = (tmp_path / "host-profile.md").read_text()
+    assert report.startswith("Machine: ") and "### 2x4x3x3x3 float32 contiguous" in report
+    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in report.splitlines()
+            if line.startswith("| ") and not line.startswith("| layer")}
+    assert set(rows) == set(benchmark.IMPLEMENTATIONS)
+    for step, host, graph, share in rows.values():
+        assert 0 < float(host) <= float(step), "issuing a step cannot take longer than the step"
+        assert graph.strip() == "-", "no CUDA graph on a CPU"
+        assert 0 < float(share) <= 1
+    # The profiles name the fused layer's own functions and the operators it runs.
+    assert "functional.py" in report and "ACNormFunction" in report
+    assert "[1/1]" in capsys.readouterr().err
+
+
 def test_bench_sync_processes_needs_two(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--sync-processes", "1"])
