@@ -315,6 +315,10 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
     backend = resolve_backend("auto", x, "acnorm bench")
     layers = make_layers(case.shape[1], device, other_kernels=other_kernel_backends(x))
     if compile_reference:
+        # Every case compiles the same forward code again; without a reset the
+        # guards of earlier cases pile up until dynamo's recompile limit makes
+        # it run later cases eagerly, uncompiled.
+        torch._dynamo.reset()
         compiled = copy.deepcopy(layers["reference"])
         layers["compiled"] = torch.compile(compiled, dynamic=True)
     steps = {name: (lambda layer=layer: training_step(layer, x, grad)) for name, layer in layers.items()}
