@@ -8,6 +8,7 @@ Nothing here reads tensor values except :func:`check_finite_affines`.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -126,34 +127,37 @@ def check_finite_affines(name: str, affines: Tensor) -> None:
 
     On a CPU the check is immediate. On a GPU a host read would make every
     training step wait for the GPU to finish the work queued before it, so
-    the check is queued with the step and its result read by a later call on
-    the same GPU, which raises naming the layer whose parameters were not
-    finite; the call that saw them returns its (NaN) output. Running
-    statistics do not depend on the parameters, so nothing is corrupted
-    meanwhile.
+    the rows are copied to pinned host memory with the step and checked by a
+    later call on the same GPU, once the copy has landed; that call raises
+    naming the layer whose parameters were not finite, and the call that saw
+    them returns its (NaN) output. Running statistics do not depend on the
+    parameters, so nothing is corrupted meanwhile.
     """
     if affines.is_cuda:
         _queue_finite_check(name, affines)
         return
-    # One reduction and one host read on the fast path: a finite sum means
-    # finite entries; an overflowing sum of finite entries is not an error.
+    _check_host_rows(name, affines)
+
+
+def _check_host_rows(name: str, affines: Tensor, note: str = "") -> None:
+    # One reduction and one read on the fast path: a finite sum means finite
+    # entries; an overflowing sum of finite entries is not an error.
     if math.isfinite(affines.sum().item()):
         return
-    _raise_if_not_finite(name, torch.isfinite(affines).all(dim=1).tolist())
-
-
-def _raise_if_not_finite(name: str, finite_rows: list[bool], note: str = "") -> None:
+    finite_rows = torch.isfinite(affines).all(dim=1).tolist()
     bad = [pname for pname, finite in zip(AFFINE_NAMES, finite_rows) if not finite]
     if bad:
         raise ValueError(f"{name}: {', '.join(bad)} contain(s) NaN or infinite values{note}")
 
 
-# Per GPU, the queued checks not read yet: (event after the check, pinned
-# per-row flags, caller), oldest first.
-_PENDING_CHECKS: dict[torch.device, list[tuple[torch.cuda.Event, Tensor, str]]] = {}
+# Per GPU, the queued checks not read yet: (event after the copy, pinned copy
+# of the rows, caller), oldest first.
+_PENDING_CHECKS: dict[torch.device, deque[tuple[torch.cuda.Event, Tensor, str]]] = {}
 # Past this many unread checks the oldest is waited for: a bound on how late
 # an error can come when the host runs far ahead of the GPU.
 _MAX_PENDING_CHECKS = 8
+_LATE_NOTE = (" (found after that call returned: on a GPU the check is read by a later call so "
+              "that no step waits for the GPU)")
 
 
 def _queue_finite_check(name: str, affines: Tensor) -> None:
@@ -161,14 +165,15 @@ def _queue_finite_check(name: str, affines: Tensor) -> None:
     # parameters were checked by the eager calls that precede any capture.
     if torch.cuda.is_current_stream_capturing():
         return
-    pending = _PENDING_CHECKS.setdefault(affines.device, [])
+    pending = _PENDING_CHECKS.setdefault(affines.device, deque())
     while pending and (len(pending) >= _MAX_PENDING_CHECKS or pending[0][0].query()):
-        event, flags, caller = pending.pop(0)
+        event, rows, caller = pending.popleft()
         event.synchronize()
-        _raise_if_not_finite(caller, flags.tolist(), " (found after that call returned: on a GPU the "
-                             "check is read by a later call so that no step waits for the GPU)")
-    flags = torch.empty(len(AFFINE_NAMES), dtype=torch.bool, pin_memory=True)
-    flags.copy_(torch.isfinite(affines).all(dim=1), non_blocking=True)
+        _check_host_rows(caller, rows, _LATE_NOTE)
+    # One asynchronous copy and the check on the host later: fewer launches
+    # than reducing on the GPU, and launches are what a small step costs.
+    rows = torch.empty(affines.shape, dtype=affines.dtype, pin_memory=True)
+    rows.copy_(affines, non_blocking=True)
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(affines.device))
-    pending.append((event, flags, name))
+    pending.append((event, rows, name))

@@ -12,6 +12,8 @@ CUDA graph.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -32,6 +34,27 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def _current_raw_stream(index: int) -> int:
+    """The handle of the current stream of GPU ``index``."""
+    # What torch.cuda.current_stream(...).cuda_stream gives, without building
+    # a Stream object: that costs more than the launch it serves.
+    if _RAW_STREAM is not None:
+        return _RAW_STREAM(index)
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+@functools.lru_cache(maxsize=256)
+def _module_geometry(module, geo: Geometry):
+    """The compiled module's copy of a launch geometry (built once per input shape)."""
+    return module.Geometry(
+        planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
+        s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.split_s, r_chunk=geo.r_chunk,
+        block_c=geo.block_c)
+
+
 class CudaKernels:
     """Launches of the compiled kernels (see :class:`.multipass.PassKernels`)."""
 
@@ -48,13 +71,11 @@ class CudaKernels:
         (no device for the host emulation's CPU tensors)."""
         if not t.is_cuda:
             return -1, 0
-        return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+        index = t.device.index
+        return index, _current_raw_stream(index)
 
     def _geometry(self, geo: Geometry):
-        return self.module.Geometry(
-            planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
-            s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.split_s, r_chunk=geo.r_chunk,
-            block_c=geo.block_c)
+        return _module_geometry(self.module, geo)
 
     def reduce(self, geo: Geometry, x: Tensor, dy: Tensor | None, partials: Tensor,
                aux: Tensor, activation: str, slope: float) -> None:

@@ -15,6 +15,7 @@ always walks consecutive addresses and the loads vectorise.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +43,13 @@ def _cdiv(a: int, b: int) -> int:
 def _worker_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; a small stand-in for the interpreter."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
     return 2
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_warps(tile: int) -> int:
@@ -136,10 +142,15 @@ def geometry(x: Tensor) -> Geometry:
     """The layout of ``x`` (contiguous or channels-last, as :func:`is_planar`
     decides) and the launch configuration for it."""
     n, c = x.shape[0], x.shape[1]
-    s = x.numel() // max(n * c, 1)
-    target = _WAVES * _worker_count(x.device)
+    return _geometry(n, c, x.numel() // max(n * c, 1), is_planar(x), _worker_count(x.device))
+
+
+# A network calls this for a few shapes, every step: the answer is kept.
+@functools.lru_cache(maxsize=1024)
+def _geometry(n: int, c: int, s: int, planar: bool, workers: int) -> Geometry:
+    target = _WAVES * workers
     per_channel = max(1, _cdiv(target, c))
-    if is_planar(x):
+    if planar:
         block = min(_TILE, max(16, _next_pow2(s)))
         s_blocks = max(1, _cdiv(s, block))
         split_s = min(per_channel, s_blocks)

@@ -77,7 +77,9 @@ class PassKernels(Protocol):
 
 def _on_device(x: Tensor):
     """Allocate and launch on ``x``'s GPU, whichever device is current."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
 
 
 def _grad_like_x(grad_out: Tensor, x: Tensor) -> Tensor:
@@ -210,10 +212,13 @@ class MultiPassBackend:
     def _grad_partials(self, geo: Geometry, grad_out: Tensor, x: Tensor, aux: Tensor,
                        activation: str, negative_slope: float) -> Tensor:
         """The ``(2, C, splits)`` partial sums of ``dy`` and ``dy * (x - mean)``."""
+        shape = (2, geo.c, geo.splits)
+        if not x.numel():
+            return x.new_zeros(shape, dtype=torch.float32)
         with _on_device(x):
-            partials = x.new_zeros((2, geo.c, geo.splits), dtype=torch.float32)
-            if x.numel():
-                self.kernels.reduce(geo, x, grad_out, partials, aux, activation, negative_slope)
+            # The pass writes every partial: no zero fill (a launch of its own).
+            partials = x.new_empty(shape, dtype=torch.float32)
+            self.kernels.reduce(geo, x, grad_out, partials, aux, activation, negative_slope)
         return partials
 
     def _backward_from_partials(
