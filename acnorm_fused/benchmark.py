@@ -9,7 +9,9 @@ alike, and the table reports the ratios that the project's speed bars use.
 On a CUDA device the table adds ``torch.compile`` of the reference, times the
 forward alone as well, uses ``triton.testing.do_bench`` (L2 flushed before
 every run; CUDA graphs for launch-bound shapes) and reports the bandwidth the
-fused step reaches against a device-to-device copy measured in the same run.
+fused step reaches against a device-to-device copy measured in the same run;
+the fused and BatchNorm steps are also replayed from a CUDA graph, which
+takes the host's share (Python, launches) out of their times.
 This module backs ``acnorm bench`` and the pytest-benchmark suite.
 """
 
@@ -59,6 +61,9 @@ KERNEL_BACKENDS = ("cuda", "triton")
 # Inputs up to this many elements make a launch-bound step on a GPU: they are
 # timed as CUDA graphs, so that Python and launch overheads do not hide the kernels.
 GRAPH_MAX_NUMEL = 1 << 22
+# Layers whose step is also timed from a CUDA graph on every row: the pair of
+# the BatchNorm bar, with the host's share taken out.
+GRAPH_LAYERS = ("acnorm", "batchnorm")
 # Fewest bytes a multi-pass fused training step moves per element of x, in
 # units of the element size: the forward reads x twice and writes y (3); the
 # backward reads x and dy for the sums, again for dx, and writes dx (5).
@@ -89,6 +94,9 @@ class Result:
     forward_samples_ms: dict[str, list[float]] = field(default_factory=dict)
     copy_ms: float | None = None
     timer: str = "wall clock"
+    # GPU only: the step of ``GRAPH_LAYERS`` replayed from a CUDA graph, the GPU's
+    # own time without the host's (the same as the samples on graph-timed rows).
+    graph_step_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def times_ms(self) -> dict[str, float]:
@@ -116,6 +124,20 @@ class Result:
     @property
     def copy_bandwidth_fraction(self) -> float:
         return self.bandwidth_fraction("acnorm")
+
+    def graph_ratio(self, numerator: str, denominator: str) -> float:
+        """Ratio of two layers' graph-replayed step times; NaN when either is missing."""
+        times = self.graph_step_ms
+        if numerator not in times or denominator not in times:
+            return float("nan")
+        return times[numerator] / times[denominator]
+
+    @property
+    def graph_bandwidth_fraction(self) -> float:
+        """:meth:`bandwidth_fraction` of the fused step replayed from a CUDA graph."""
+        if self.copy_ms is None or "acnorm" not in self.graph_step_ms:
+            return float("nan")
+        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.graph_step_ms["acnorm"]
 
     @property
     def other_kernels(self) -> list[str]:
@@ -341,6 +363,12 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
         for name in steps:
             result.samples_ms[name].append(timer(steps[name]))
             result.forward_samples_ms[name].append(timer(forwards[name]))
+    for name in GRAPH_LAYERS:
+        if graph:
+            result.graph_step_ms[name] = statistics.median(result.samples_ms[name])
+        elif _captures(steps[name]):
+            result.graph_step_ms[name] = triton.testing.do_bench_cudagraph(
+                steps[name], rep=max(rep_ms // 5, 5), return_mode="median")
     target = torch.empty_like(x)
     result.copy_ms = triton.testing.do_bench(lambda: target.copy_(x), warmup=max(rep_ms // 4, 1), rep=rep_ms,
                                              return_mode="median")
@@ -422,6 +450,10 @@ def _ms(samples: dict[str, list[float]], name: str) -> str:
     return f"{statistics.median(samples[name]):.3f}" if name in samples else "-"
 
 
+def _graph_ms(result: Result, name: str) -> str:
+    return f"{result.graph_step_ms[name]:.3f}" if name in result.graph_step_ms else "-"
+
+
 def _gpu_table(results: Sequence[Result]) -> list[str]:
     lines = [
         "Forward (fwd) and one training step (step = forward + backward) of: `ref`, the "
@@ -431,13 +463,15 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
         "(timer per row: do_bench with the L2 flushed, or do_bench_cudagraph for "
         "launch-bound inputs). `% copy bw`: the bytes of a minimal fused step "
         f"({MIN_STEP_TRAFFIC} per element and byte of element size) over its time, against "
-        "a device-to-device copy of x timed in the same run. Memory: peak allocated "
-        "during the step.",
+        "a device-to-device copy of x timed in the same run. `graph`: the step replayed "
+        "from a CUDA graph (L2 not flushed), the GPU's time without the host's. Memory: "
+        "peak allocated during the step.",
         "",
         "| shape | dtype | layout | backend | timer | fwd ref | fwd compiled | fwd acnorm | fwd bn "
         "| step ref | step compiled | step acnorm | step bn | ref / acnorm | compiled / acnorm "
-        "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn ",
-        "|---|---|---|---|---|" + "---:|" * 15,
+        "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn "
+        "| graph acnorm | graph bn | graph acnorm / bn | graph % copy bw ",
+        "|---|---|---|---|---|" + "---:|" * 19,
     ]
     others = sorted({name for r in results for name in r.other_kernels})
     for name in others:
@@ -456,7 +490,9 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
             f"| {_ms(t, 'acnorm')} | {_ms(t, 'batchnorm')} | {r.reference_over_acnorm:.2f} "
             f"| {r.ratio('compiled', 'acnorm'):.2f} | {r.acnorm_over_batchnorm:.2f} "
             f"| {r.ratio('acnorm', 'batchnorm', forward=True):.2f} "
-            f"| {100 * r.copy_bandwidth_fraction:.0f} | {r.memory_acnorm_over_batchnorm:.3f} {extra}|"
+            f"| {100 * r.copy_bandwidth_fraction:.0f} | {r.memory_acnorm_over_batchnorm:.3f} "
+            f"| {_graph_ms(r, 'acnorm')} | {_graph_ms(r, 'batchnorm')} "
+            f"| {r.graph_ratio('acnorm', 'batchnorm'):.2f} | {100 * r.graph_bandwidth_fraction:.0f} {extra}|"
         )
     return lines
 
@@ -511,6 +547,8 @@ def to_json(results: Sequence[Result], machine: str) -> str:
                 compiled_over_acnorm=r.ratio("compiled", "acnorm"),
                 forward_acnorm_over_batchnorm=r.ratio("acnorm", "batchnorm", forward=True),
                 copy_bandwidth_fraction=r.copy_bandwidth_fraction,
+                graph_acnorm_over_batchnorm=r.graph_ratio("acnorm", "batchnorm"),
+                graph_copy_bandwidth_fraction=r.graph_bandwidth_fraction,
             )
         rows.append(row)
     return json.dumps({"machine": machine, "python": sys.version.split()[0], "results": rows}, indent=2)

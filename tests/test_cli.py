@@ -70,7 +70,8 @@ def test_gpu_table_reports_the_bars_from_paired_samples():
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == "do_bench, L2 flushed"
     assert cells[6] == "-", "a layer that was not timed shows a dash"
-    assert cells[13:] == ["3.00", "1.50", "0.50", "0.25", "100", "1.000"]
+    assert cells[13:19] == ["3.00", "1.50", "0.50", "0.25", "100", "1.000"]
+    assert cells[19:] == ["-", "-", "nan", "nan"], "no graph timing given"
     data = json.loads(benchmark.to_json([result], "a GPU"))["results"][0]["ratios"]
     assert data["compiled_over_acnorm"] == pytest.approx(1.5)
     assert data["copy_bandwidth_fraction"] == pytest.approx(1.0)
@@ -144,3 +145,32 @@ def test_cuda_benchmark_path_runs_with_stand_in_timers(monkeypatch):
     assert "| step acnorm-triton | acnorm-triton / bn |" in header
     assert header.count("|") == row.count("|")
     assert row.rstrip().endswith("| 4.000 | 2.00 | nan | 25 |")
+
+
+def test_cuda_benchmark_times_the_bar_pair_from_graphs_too(monkeypatch):
+    """On an eagerly timed row the fused and BatchNorm steps are timed again from a
+    CUDA graph, and the table gives their ratio and bandwidth beside the eager ones."""
+    testing = pytest.importorskip("triton.testing")
+    monkeypatch.setattr(testing, "do_bench", lambda fn, **kwargs: (fn(), 2.0)[1])
+    graphed = []
+
+    def graph_stand_in(fn, **kwargs):
+        fn()
+        graphed.append(fn)
+        return 0.5 if len(graphed) == 1 else 1.0  # acnorm, then batchnorm
+
+    monkeypatch.setattr(testing, "do_bench_cudagraph", graph_stand_in)
+    monkeypatch.setattr(benchmark, "_captures", lambda step: True)
+    monkeypatch.setattr(benchmark, "GRAPH_MAX_NUMEL", 0)  # time this small case eagerly
+    case = benchmark.Case((2, 4, 3, 3, 3))
+    result = benchmark.run_case_cuda(case, torch.device("cpu"), rounds=1, rep_ms=10, compile_reference=False)
+    assert result.timer == "do_bench, L2 flushed" and len(graphed) == 2
+    assert result.graph_step_ms == {"acnorm": 0.5, "batchnorm": 1.0}
+    assert result.graph_ratio("acnorm", "batchnorm") == 0.5
+    assert result.graph_bandwidth_fraction == pytest.approx(benchmark.MIN_STEP_TRAFFIC / 2 * 2.0 / 0.5)
+    header, _, row = benchmark._gpu_table([result])[2:5]
+    assert "| graph acnorm | graph bn | graph acnorm / bn | graph % copy bw |" in header
+    assert header.count("|") == row.count("|")
+    assert "| 0.500 | 1.000 | 0.50 | 1600 |" in row
+    ratios = json.loads(benchmark.to_json([result], "a GPU"))["results"][0]["ratios"]
+    assert ratios["graph_acnorm_over_batchnorm"] == 0.5
