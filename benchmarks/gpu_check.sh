@@ -30,7 +30,8 @@ run() {  # run LIMIT_SECONDS TITLE COMMAND...: time-limited, output into the rep
 }
 
 printf '# GPU check %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$REPORT"
-printf '\ncommit: %s\n' "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >> "$REPORT"
+# "-dirty": the tree differs from that commit (a copied tree may carry an older .git).
+printf '\ncommit: %s\n' "$(git describe --always --dirty 2>/dev/null || echo unknown)" >> "$REPORT"
 
 run 30 "GPU and driver" nvidia-smi
 run 30 "Python, torch, triton" "$PY" -c '
