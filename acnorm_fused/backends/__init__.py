@@ -161,6 +161,8 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
     return name
 
 
+@functools.cache
 def fused_backend(name: str) -> ModuleType:
-    """The module that implements fused backend ``name``."""
+    """The module that implements fused backend ``name`` (imported on first use;
+    every eager call asks for it twice, so the answer is kept)."""
     return importlib.import_module(_FUSED_MODULES[name])
