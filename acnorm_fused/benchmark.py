@@ -113,13 +113,17 @@ class Result:
         pairs = zip(samples[numerator], samples[denominator])
         return statistics.median(a / b for a, b in pairs)
 
+    def _fraction_of_copy(self, step_ms: float) -> float:
+        """Bytes of the minimal fused step over ``step_ms``, against the copy bandwidth."""
+        # A copy moves 2 bytes per element and byte of element size.
+        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / step_ms
+
     def bandwidth_fraction(self, name: str = "acnorm") -> float:
         """Bytes of the minimal fused step over layer ``name``'s step time, against
         the copy bandwidth."""
         if self.copy_ms is None or name not in self.samples_ms:
             return float("nan")
-        # A copy moves 2 bytes per element and byte of element size.
-        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.times_ms[name]
+        return self._fraction_of_copy(self.times_ms[name])
 
     @property
     def copy_bandwidth_fraction(self) -> float:
@@ -137,7 +141,7 @@ class Result:
         """:meth:`bandwidth_fraction` of the fused step replayed from a CUDA graph."""
         if self.copy_ms is None or "acnorm" not in self.graph_step_ms:
             return float("nan")
-        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / self.graph_step_ms["acnorm"]
+        return self._fraction_of_copy(self.graph_step_ms["acnorm"])
 
     @property
     def other_kernels(self) -> list[str]:
@@ -299,7 +303,7 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Res
     return result
 
 
-def capture_graph(step: Callable[[], None]) -> "torch.cuda.CUDAGraph | None":
+def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
     """``step`` captured into a CUDA graph (after one run on a side stream to warm
     it up), or None when it cannot be captured."""
     stream = torch.cuda.Stream()
