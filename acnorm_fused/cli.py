@@ -189,7 +189,8 @@ def _bench_host(args: argparse.Namespace, device: torch.device, machine: str) ->
     from . import benchmark_host
 
     if args.shapes:
-        cases = [benchmark.Case(shape, dtype) for shape in args.shapes for dtype in args.dtypes]
+        cases = [benchmark.Case(shape, dtype, layout)
+                 for shape in args.shapes for dtype in args.dtypes for layout in args.layouts]
     else:
         cases = list(benchmark_host.GPU_CASES if device.type == "cuda" else benchmark_host.CPU_CASES)
     print(f"acnorm bench --host-profile: {len(cases)} cases on {machine}", file=sys.stderr)
@@ -288,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--host-profile", action="store_true",
         help="instead: the eager step's host time against its wall and CUDA-graph time, and the Python "
-             "functions and operators it goes to (--shapes and --dtypes pick the cases)",
+             "functions and operators it goes to (--shapes, --dtypes and --layouts pick the cases)",
     )
     bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
     bench.add_argument("--quick", action="store_true", help="--audit: one launch set per kernel family")

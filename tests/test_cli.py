@@ -93,7 +93,7 @@ def test_bench_sync_processes_writes_its_table(tmp_path, capsys):
 
 def test_bench_host_profile_writes_its_report(tmp_path, capsys):
     args = ["bench", "--device", "cpu", "--host-profile", "--shapes", "2x4x3x3x3", "--dtypes", "float32",
-            "--repeats", "10", "--out", str(tmp_path)]
+            "--layouts", "contiguous", "--repeats", "10", "--out", str(tmp_path)]
     assert main(args) == 0
     report = (tmp_path / "host-profile.md").read_text()
     assert report.startswith("Machine: ") and "### 2x4x3x3x3 float32 contiguous" in report
