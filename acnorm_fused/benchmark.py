@@ -247,7 +247,8 @@ def training_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None
         p.grad = None
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -259,14 +260,14 @@ def time_interleaved(
     for _ in range(warmup):
         for step in steps.values():
             step()
-    _synchronize(device)
+    synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             step()
-            _synchronize(device)
+            synchronize(device)
             samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
 
@@ -274,11 +275,11 @@ def time_interleaved(
 def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
     """Bytes allocated at the peak of ``step`` beyond what was live before it."""
     if device.type == "cuda":
-        _synchronize(device)
+        synchronize(device)
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _synchronize(device)
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
@@ -328,6 +329,23 @@ def _captures(step: Callable[[], None]) -> bool:
     return capture_graph(step) is not None
 
 
+def graph_replay_ms(step: Callable[[], None], repeats: int) -> float | None:
+    """Median GPU time in ms of ``step`` replayed from a CUDA graph, ``repeats``
+    replays, or None when it cannot be captured."""
+    graph = capture_graph(step)
+    if graph is None:
+        return None
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, compile_reference: bool) -> Result:
     """Benchmark the layers on one case on a CUDA device, forward and forward+backward.
 
@@ -368,11 +386,10 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
             result.samples_ms[name].append(timer(steps[name]))
             result.forward_samples_ms[name].append(timer(forwards[name]))
     for name in GRAPH_LAYERS:
-        if graph:
-            result.graph_step_ms[name] = statistics.median(result.samples_ms[name])
-        elif _captures(steps[name]):
-            result.graph_step_ms[name] = triton.testing.do_bench_cudagraph(
-                steps[name], rep=max(rep_ms // 5, 5), return_mode="median")
+        # Rows timed eagerly are large enough that one replay per sample times well.
+        replayed = statistics.median(result.samples_ms[name]) if graph else graph_replay_ms(steps[name], 20)
+        if replayed is not None:
+            result.graph_step_ms[name] = replayed
     target = torch.empty_like(x)
     result.copy_ms = triton.testing.do_bench(lambda: target.copy_(x), warmup=max(rep_ms // 4, 1), rep=rep_ms,
                                              return_mode="median")

@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .benchmark import Case, capture_graph, make_input, make_layers, other_kernel_backends, training_step
+from .benchmark import (Case, graph_replay_ms, make_input, make_layers, other_kernel_backends, synchronize,
+                        training_step)
 
 # Launch-bound cases (most of their eager step is host time) and one large
 # case for contrast, on a GPU; the CPU bar's shape on a CPU.
@@ -37,40 +38,19 @@ GPU_CASES = (Case((2, 128, 32, 32, 32)), Case((2, 320, 8, 8, 8)), Case((2, 128, 
 CPU_CASES = (Case((2, 32, 32, 32, 32)),)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _medians(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
     """Median wall time and median host-issue time of ``step``, in ms."""
     walls, hosts = [], []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
         issued = time.perf_counter()
-        _sync(device)
+        synchronize(device)
         done = time.perf_counter()
         hosts.append((issued - start) * 1e3)
         walls.append((done - start) * 1e3)
     return statistics.median(walls), statistics.median(hosts)
-
-
-def _graph_ms(step: Callable[[], None], repeats: int) -> float | None:
-    """Median time of ``step`` replayed from a CUDA graph, or None when it cannot be captured."""
-    graph = capture_graph(step)
-    if graph is None:
-        return None
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _python_profile(step: Callable[[], None], steps: int, rows: int) -> str:
@@ -91,7 +71,7 @@ def _operator_profile(step: Callable[[], None], device: torch.device, steps: int
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -122,7 +102,7 @@ def profile_case(case: Case, device: torch.device, repeats: int = 50,
              "| layer | step ms | host ms | graph ms | host / step |", "|---|---:|---:|---:|---:|"]
     for name, step in steps.items():
         wall, host = _medians(step, device, repeats)
-        graph = _graph_ms(step, repeats) if device.type == "cuda" else None
+        graph = graph_replay_ms(step, repeats) if device.type == "cuda" else None
         graph_text = "-" if graph is None else f"{graph:.3f}"
         lines.append(f"| {name} | {wall:.3f} | {host:.3f} | {graph_text} | {host / wall:.2f} |")
     fused = steps["acnorm"]

@@ -129,6 +129,7 @@ def test_cuda_benchmark_path_runs_with_stand_in_timers(monkeypatch):
 
     monkeypatch.setattr(testing, "do_bench", stand_in)
     monkeypatch.setattr(benchmark, "_captures", lambda step: False)
+    monkeypatch.setattr(benchmark, "graph_replay_ms", lambda step, repeats: None)
     case = benchmark.Case((2, 4, 3, 3, 3))
     result = benchmark.run_case_cuda(case, torch.device("cpu"), rounds=2, rep_ms=10, compile_reference=False)
     assert result.timer == "do_bench, L2 flushed"
@@ -154,12 +155,12 @@ def test_cuda_benchmark_times_the_bar_pair_from_graphs_too(monkeypatch):
     monkeypatch.setattr(testing, "do_bench", lambda fn, **kwargs: (fn(), 2.0)[1])
     graphed = []
 
-    def graph_stand_in(fn, **kwargs):
+    def graph_stand_in(fn, repeats):
         fn()
         graphed.append(fn)
         return 0.5 if len(graphed) == 1 else 1.0  # acnorm, then batchnorm
 
-    monkeypatch.setattr(testing, "do_bench_cudagraph", graph_stand_in)
+    monkeypatch.setattr(benchmark, "graph_replay_ms", graph_stand_in)
     monkeypatch.setattr(benchmark, "_captures", lambda step: True)
     monkeypatch.setattr(benchmark, "GRAPH_MAX_NUMEL", 0)  # time this small case eagerly
     case = benchmark.Case((2, 4, 3, 3, 3))
