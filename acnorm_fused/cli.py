@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.sync_processes is not None:
         return _bench_sync(args, cases, device, machine)
     if args.host_profile:
-        return _bench_host(args, device, machine)
+        return _bench_host(args, cases, device, machine)
     print(f"acnorm bench: {len(cases)} cases on {machine}", file=sys.stderr)
 
     def write_partial(results: list[benchmark.Result]) -> None:
@@ -184,14 +184,12 @@ def _bench_sync(args: argparse.Namespace, cases: list, device: torch.device, mac
     return 0
 
 
-def _bench_host(args: argparse.Namespace, device: torch.device, machine: str) -> int:
-    """Host time of the eager step against its GPU time, and where the host time goes."""
+def _bench_host(args: argparse.Namespace, cases: list, device: torch.device, machine: str) -> int:
+    """Host time of the eager step against its GPU time, and where the host time goes;
+    ``cases`` are the ones --shapes asked for, else this profile's own."""
     from . import benchmark_host
 
-    if args.shapes:
-        cases = [benchmark.Case(shape, dtype, layout)
-                 for shape in args.shapes for dtype in args.dtypes for layout in args.layouts]
-    else:
+    if not args.shapes:
         cases = list(benchmark_host.GPU_CASES if device.type == "cuda" else benchmark_host.CPU_CASES)
     print(f"acnorm bench --host-profile: {len(cases)} cases on {machine}", file=sys.stderr)
     report = benchmark_host.run(cases, device, machine, repeats=max(args.repeats, 10),
@@ -293,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
     bench.add_argument("--quick", action="store_true", help="--audit: one launch set per kernel family")
-    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json (or audit.*) into")
+    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json (or audit.*, host-profile.md) into")
     bench.add_argument(
         "--system-malloc", action="store_true",
         help="on CPU, keep glibc's default of unmapping large freed blocks (noisier timings)",
