@@ -13,20 +13,36 @@ measures, side by side in one run:
 It then lists the Python functions and the torch operators the fused layer's
 step spends its host time in (``cProfile`` and ``torch.profiler``), and on a
 GPU the operators that wait for the device (``torch.cuda.set_sync_debug_mode``).
+
+On a CPU it also measures what an eager step costs the host whatever the
+machine (:func:`step_costs`): the Python calls, aten operators and new
+storages of one step, and its wall time, for ``nn.BatchNorm3d`` and the
+fused layer of each backend in the same run; the ``cuda`` backend runs its
+kernels in the host emulation, or with launches that do nothing
+(:func:`noop_cuda_launches`), so that the host's share is all that is timed.
 This module backs ``acnorm bench --host-profile``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import cProfile
 import io
 import pstats
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from . import backends
+from .backends.cuda import LAUNCHES
+from .modules import ACNorm3d
 
 from .benchmark import (Case, graph_replay_ms, make_input, make_layers, other_kernel_backends, synchronize,
                         training_step)
@@ -36,6 +52,9 @@ from .benchmark import (Case, graph_replay_ms, make_input, make_layers, other_ke
 GPU_CASES = (Case((2, 128, 32, 32, 32)), Case((2, 320, 8, 8, 8)), Case((2, 128, 32, 32, 32), "bfloat16"),
              Case((2, 32, 128, 128, 128)))
 CPU_CASES = (Case((2, 32, 32, 32, 32)),)
+# The step whose host cost is counted on a CPU: small enough that the kernels'
+# work is negligible next to the path to them.
+COST_CASE = Case((2, 64, 4, 4, 4))
 
 
 def _medians(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
@@ -88,6 +107,143 @@ def _synchronising_calls(step: Callable[[], None]) -> list[str]:
     return sorted({str(w.message).splitlines()[0] for w in caught})
 
 
+@dataclass(frozen=True)
+class StepCost:
+    """What one eager training step (forward and backward) costs the host."""
+
+    python_calls: int  # function calls, Python and builtin, as cProfile counts them
+    aten_ops: int  # operators dispatched to ATen
+    new_storages: int  # operator outputs on memory none of the operator's inputs had
+    wall_us: float  # median wall time
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators run under it and the new storages they return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+        self.storages = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops += 1
+        inputs = {t.untyped_storage().data_ptr()
+                  for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        self.storages += sum(1 for t in tree_leaves(out)
+                             if isinstance(t, Tensor) and t.untyped_storage().data_ptr() not in inputs)
+        return out
+
+
+class NoOpLaunches:
+    """A compiled kernel module whose launches return at once: everything else
+    (its types, constants) is the module's own. It reports itself as the host
+    emulation, so that the ``cuda`` backend runs CPU tensors through it."""
+
+    emulated = True
+
+    def __init__(self, module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str):
+        if name in LAUNCHES:
+            return _no_launch
+        return getattr(self._module, name)
+
+
+def _no_launch(*_args) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def noop_cuda_launches(module=None) -> Iterator[None]:
+    """Within the block, ``backend="cuda"`` runs on CPU tensors and launches
+    nothing: the host's path to the kernels with none of their work.
+    ``module`` is the compiled module to stand in for (the installed one by default)."""
+    module = module if module is not None else backends.cuda_extension()
+    if module is None:
+        raise RuntimeError("no compiled acnorm_fused._cuda to stand in for")
+    with backends.using_cuda_extension(NoOpLaunches(module)):
+        yield
+
+
+def _per_step_counts(step: Callable[[], None], steps: int) -> tuple[int, int, int]:
+    """``(python calls, aten ops, new storages)`` per step, over ``steps`` steps."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    calls = pstats.Stats(profiler).total_calls
+    counter = _OperatorCounter()
+    with counter:
+        for _ in range(steps):
+            step()
+    # The profiler's own disable() is one call of the block.
+    return round((calls - 1) / steps), round(counter.ops / steps), round(counter.storages / steps)
+
+
+def step_costs(steps: dict[str, Callable[[], None]], rounds: int = 30, per_round: int = 20,
+               count_steps: int = 20) -> dict[str, StepCost]:
+    """:class:`StepCost` of each step; the wall times are the median over
+    ``rounds`` of the mean of ``per_round`` steps, the steps run in turn in
+    every round. Each step is run a few times first (plans, caches)."""
+    for step in steps.values():
+        for _ in range(3):
+            step()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                step()
+            samples[name].append((time.perf_counter() - start) * 1e6 / per_round)
+    return {name: StepCost(*_per_step_counts(step, count_steps), statistics.median(samples[name]))
+            for name, step in steps.items()}
+
+
+def cost_layers(channels: int, cuda: bool) -> dict[str, nn.Module]:
+    """``nn.BatchNorm3d`` and the fused layer of the ``torch`` (and, with
+    ``cuda``, the ``cuda``) backend, in the state of :func:`make_layers`."""
+    base = make_layers(channels, torch.device("cpu"))
+    layers = {"batchnorm": base["batchnorm"], "acnorm-torch": base["acnorm"]}
+    if cuda:
+        layer = ACNorm3d(channels, backend="cuda")
+        layer.load_state_dict(base["acnorm"].state_dict())
+        layers["acnorm-cuda"] = layer
+    return layers
+
+
+def cost_table(case: Case = COST_CASE, noop: bool = True, module=None) -> list[str]:
+    """The Markdown section of the host cost of one eager training step on a
+    CPU, each layer against ``nn.BatchNorm3d`` in the same run. The ``cuda``
+    row runs with no-op launches when ``noop`` (else the emulated kernels of
+    ``module``, which must be the host emulation), and is left out when no
+    compiled module is at hand."""
+    module = module if module is not None else backends.cuda_extension()
+    x, grad = make_input(case, torch.device("cpu"))
+    if module is None:
+        context, note = contextlib.nullcontext(), "no compiled acnorm_fused._cuda: no `acnorm-cuda` row"
+    elif noop:
+        context, note = noop_cuda_launches(module), "`acnorm-cuda`: launches that do nothing"
+    else:
+        context, note = backends.using_cuda_extension(module), "`acnorm-cuda`: the emulated kernels"
+    with context:
+        layers = cost_layers(case.shape[1], cuda=module is not None)
+        costs = step_costs({name: (lambda layer=layer: training_step(layer, x, grad))
+                            for name, layer in layers.items()})
+    base = costs["batchnorm"]
+    lines = [f"### Host cost of one eager step, {case.label()} (CPU; {note})", "",
+             "| layer | Python calls | aten ops | new storages | wall us | calls / BN | ops / BN "
+             "| storages / BN | wall / BN |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, cost in costs.items():
+        lines.append(
+            f"| {name} | {cost.python_calls} | {cost.aten_ops} | {cost.new_storages} | {cost.wall_us:.1f} "
+            f"| {cost.python_calls / base.python_calls:.2f} | {cost.aten_ops / base.aten_ops:.2f} "
+            f"| {cost.new_storages / base.new_storages:.2f} | {cost.wall_us / base.wall_us:.2f} |")
+    return lines + [""]
+
+
 def profile_case(case: Case, device: torch.device, repeats: int = 50,
                  profile_steps: int = 100) -> list[str]:
     """The Markdown section of one case: the time table, then the fused layer's profiles."""
@@ -128,4 +284,8 @@ def run(cases: Sequence[Case], device: torch.device, machine: str, repeats: int 
         lines += profile_case(case, device, repeats)
         if progress is not None:
             progress(f"[{index}/{len(cases)}] {case.label()}: profiled")
+    if device.type == "cpu":
+        lines += cost_table()
+        if progress is not None:
+            progress(f"host cost per eager step: {COST_CASE.label()}")
     return "\n".join(lines) + "\n"

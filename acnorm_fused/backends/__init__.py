@@ -11,10 +11,12 @@ functions of :mod:`acnorm_fused.backends.pytorch` with the same signatures:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -57,6 +59,20 @@ def cuda_extension() -> ModuleType | None:
     """The compiled module ``acnorm_fused._cuda``, or None when this
     installation was built without it (or it cannot load)."""
     return _load_cuda_extension()[0]
+
+
+@contextlib.contextmanager
+def using_cuda_extension(module) -> Iterator[None]:
+    """Within the block, ``backend="cuda"`` runs ``module`` instead of the
+    installed ``acnorm_fused._cuda``: the host emulation of the same sources,
+    or a stand-in (tests, the host-cost benchmark)."""
+    global _load_cuda_extension
+    installed = _load_cuda_extension
+    _load_cuda_extension = lambda: (module, "")  # noqa: E731
+    try:
+        yield
+    finally:
+        _load_cuda_extension = installed
 
 
 def cuda_extension_status() -> str:

@@ -21,6 +21,8 @@ from . import cuda_extension
 from .geometry import Geometry
 from .multipass import MultiPassBackend
 
+# The compiled module's kernel launches (what a stand-in module replaces).
+LAUNCHES = ("reduce", "elementwise", "finalise_forward", "finalise_backward", "target_grad")
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _ACTIVATION_CODES = {"": 0, "relu": 1, "leaky_relu": 2}
 
