@@ -147,7 +147,21 @@ def _check_host_rows(name: str, affines: Tensor, note: str = "") -> None:
     finite_rows = torch.isfinite(affines).all(dim=1).tolist()
     bad = [pname for pname, finite in zip(AFFINE_NAMES, finite_rows) if not finite]
     if bad:
-        raise ValueError(f"{name}: {', '.join(bad)} contain(s) NaN or infinite values{note}")
+        raise non_finite_error(name, bad, note)
+
+
+def non_finite_error(name: str, bad: list[str], note: str = "") -> ValueError:
+    """The error for affines ``bad`` (names of :data:`AFFINE_NAMES`) holding NaN or infinity."""
+    return ValueError(f"{name}: {', '.join(bad)} contain(s) NaN or infinite values{note}")
+
+
+def raise_for_status(name: str, status: int, bits: tuple[int, ...], late: bool = False) -> None:
+    """Raise :func:`non_finite_error` for a kernel's status word (``bits[k]`` set:
+    affine ``AFFINE_NAMES[k]`` is not finite); ``late``: found after the call
+    that saw the values returned."""
+    if status:
+        bad = [pname for pname, bit in zip(AFFINE_NAMES, bits) if status & bit]
+        raise non_finite_error(name, bad, _LATE_NOTE if late else "")
 
 
 # Per GPU, the queued checks not read yet: (event after the copy, pinned copy

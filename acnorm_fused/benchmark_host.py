@@ -144,10 +144,10 @@ class NoOpLaunches:
 
     def __init__(self, module) -> None:
         self._module = module
+        for name in LAUNCHES:
+            setattr(self, name, _no_launch)
 
     def __getattr__(self, name: str):
-        if name in LAUNCHES:
-            return _no_launch
         return getattr(self._module, name)
 
 

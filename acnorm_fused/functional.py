@@ -11,7 +11,7 @@ from .backends.reference import ac_norm_reference
 from .correlation import stack_affines
 from .ops import ac_norm_forward
 
-__all__ = ["ac_norm", "effective_momentum"]
+__all__ = ["ac_norm", "checked_backend", "effective_momentum", "run_checked"]
 
 
 def effective_momentum(momentum: float, double_update: bool = True) -> float:
@@ -75,6 +75,33 @@ def ac_norm(
     ``"cuda"``; the ``ACNORM_BACKEND`` environment variable overrides
     ``"auto"``. ``caller`` names the module in error messages.
     """
+    backend = checked_backend(
+        x, running_mean, running_var, weight, bias, weight_target, bias_target, training, momentum,
+        eps, temperature, activation, negative_slope, backend, caller)
+    return run_checked(
+        backend, x, running_mean, running_var, weight, bias, weight_target, bias_target, training,
+        momentum, eps, temperature, activation, negative_slope, double_update, caller)
+
+
+def checked_backend(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    training: bool,
+    momentum: float,
+    eps: float,
+    temperature: float,
+    activation: str | None,
+    negative_slope: float,
+    backend: str,
+    caller: str,
+) -> str:
+    """Every check of :func:`ac_norm` but the finite affines: the concrete backend
+    that runs the call, or a clear error naming ``caller``."""
     if momentum is None:
         raise ValueError(
             f"{caller}: momentum must be a number; the cumulative average of momentum=None "
@@ -89,8 +116,29 @@ def ac_norm(
         bias_target=bias_target, running_mean=running_mean, running_var=running_var,
         training=training,
     )
-    backend = resolve_backend(backend, x, caller)
+    return resolve_backend(backend, x, caller)
 
+
+def run_checked(
+    backend: str,
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    training: bool,
+    momentum: float,
+    eps: float,
+    temperature: float,
+    activation: str | None,
+    negative_slope: float,
+    double_update: bool,
+    caller: str,
+) -> Tensor:
+    """:func:`ac_norm` after :func:`checked_backend` gave ``backend``: the general
+    path (the custom op when traced, its eager twin otherwise)."""
     if backend == "reference":
         check_finite_affines(caller, stack_affines(weight, bias, weight_target, bias_target))
         return ac_norm_reference(

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from ._checks import check_hyperparameters
 from .backends import validate_backend_name
-from .functional import ac_norm
+from .backends.plan import LaunchPlan, plan_covers
+from .functional import checked_backend, effective_momentum, run_checked
 
 __all__ = ["ACNorm", "ACNorm1d", "ACNorm2d", "ACNorm3d", "AffineCoNorm2d", "AffineCoNorm3d"]
 
@@ -163,27 +164,64 @@ class ACNorm(nn.Module):
         }
 
     def forward(self, x: Tensor) -> Tensor:
+        # A launch plan for this input's signature skips the checks and the
+        # general path (see acnorm_fused.backends.plan); traced code never takes it.
+        plans = self.__dict__.get("_plans")
+        if plans and isinstance(x, Tensor) and not torch.compiler.is_compiling():
+            plan = plans.get((x.shape, x.stride(), x.dtype, x.device, self.training))
+            if plan is not None:
+                out = plan.run(self, x)
+                if out is not None:
+                    return out
+        return self._forward_checked(x)
+
+    def _forward_checked(self, x: Tensor) -> Tensor:
+        """The forward with every check, building a launch plan where one applies."""
         self._check_input_dim(x)
         updates_stats = self.training and self.track_running_stats
         momentum, double_update = self._update_rule()
         use_batch_stats = self.training or self.running_mean is None
         tracks = not self.training or self.track_running_stats
-        out = ac_norm(
-            x,
-            self.running_mean if tracks else None,
-            self.running_var if tracks else None,
-            self.weight,
-            self.bias,
-            self.weight_target,
-            self.bias_target,
-            training=use_batch_stats,
-            momentum=momentum,
-            double_update=double_update,
-            **self._op_options(),
-        )
+        running_mean = self.running_mean if tracks else None
+        running_var = self.running_var if tracks else None
+        params = (self.weight, self.bias, self.weight_target, self.bias_target)
+        options = self._op_options()
+        caller = options["caller"]
+        backend = checked_backend(
+            x, running_mean, running_var, *params, use_batch_stats, momentum, options["eps"],
+            options["temperature"], options["activation"], options["negative_slope"], options["backend"],
+            caller)
+        tensors = (*params, running_mean, running_var)
+        # momentum=None moves with the counter: no fixed plan for that.
+        if (not torch.compiler.is_compiling() and plan_covers(backend, x, tensors)
+                and not (updates_stats and self.momentum is None)):
+            plan = LaunchPlan(
+                backend, x, tensors, caller=caller, batch_stats=use_batch_stats,
+                update_running=use_batch_stats and running_mean is not None,
+                counts_batches=updates_stats, momentum=effective_momentum(momentum, double_update),
+                eps=self.eps, temperature=self.temperature, activation=self.activation or "",
+                negative_slope=self.negative_slope)
+            self.__dict__.setdefault("_plans", {})[
+                (x.shape, x.stride(), x.dtype, x.device, self.training)] = plan
+            return plan.run(self, x)
+        out = run_checked(
+            backend, x, running_mean, running_var, *params, use_batch_stats, momentum, options["eps"],
+            options["temperature"], options["activation"], options["negative_slope"], double_update, caller)
         if updates_stats:
             self.num_batches_tracked.add_(1)
         return out
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Plans fix the settings, parameters and buffers they were built with;
+        # train() and eval() pick another plan rather than change one.
+        if name != "training":
+            self.__dict__.pop("_plans", None)
+        super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_plans", None)  # rebuilt on the next call; they hold compiled-module objects
+        return state
 
     def extra_repr(self) -> str:
         text = (

@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from .abi import check_module_abi
+
 BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 BACKEND_ENV = "ACNORM_BACKEND"
 
@@ -51,6 +53,10 @@ def _load_cuda_extension() -> tuple[ModuleType | None, str]:
     try:
         from .. import _cuda
     except ImportError as error:
+        return None, str(error)
+    try:
+        check_module_abi(_cuda)
+    except RuntimeError as error:
         return None, str(error)
     return _cuda, ""
 

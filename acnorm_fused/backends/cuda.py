@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from . import cuda_extension
+from .abi import ACTIVATION_CODES as _ACTIVATION_CODES
+from .abi import DTYPE_CODES as _DTYPE_CODES
 from .geometry import Geometry
 from .multipass import MultiPassBackend
 
 # The compiled module's kernel launches (what a stand-in module replaces).
-LAUNCHES = ("reduce", "elementwise", "finalise_forward", "finalise_backward", "target_grad")
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_ACTIVATION_CODES = {"": 0, "relu": 1, "leaky_relu": 2}
+LAUNCHES = ("reduce", "elementwise", "finalise_forward", "finalise_backward", "target_grad",
+            "step_forward", "step_backward")
 
 
 def _pointer(t: Tensor | None) -> int:
@@ -36,7 +37,7 @@ def _f32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _current_raw_stream(index: int) -> int:
+def raw_stream(index: int) -> int:
     """The handle of the current stream of GPU ``index``."""
     # What torch.cuda.current_stream(...).cuda_stream gives, without building
     # a Stream object: that costs more than the launch it serves.
@@ -49,7 +50,7 @@ _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 @functools.lru_cache(maxsize=256)
-def _module_geometry(module, geo: Geometry):
+def module_geometry(module, geo: Geometry):
     """The compiled module's copy of a launch geometry (built once per input shape)."""
     return module.Geometry(
         planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
@@ -74,10 +75,10 @@ class CudaKernels:
         if not t.is_cuda:
             return -1, 0
         index = t.device.index
-        return index, _current_raw_stream(index)
+        return index, raw_stream(index)
 
     def _geometry(self, geo: Geometry):
-        return _module_geometry(self.module, geo)
+        return module_geometry(self.module, geo)
 
     def reduce(self, geo: Geometry, x: Tensor, dy: Tensor | None, partials: Tensor,
                aux: Tensor, activation: str, slope: float) -> None:
@@ -92,24 +93,24 @@ class CudaKernels:
                                 _ACTIVATION_CODES[activation], slope)
 
     def finalise_forward(
-        self, geo: Geometry, x: Tensor, affines: Tensor, partials: Tensor | None,
+        self, geo: Geometry, x: Tensor, affines: tuple[Tensor, ...], partials: Tensor | None,
         given: tuple[Tensor, Tensor | None, Tensor] | None, count: float,
         running_mean: Tensor | None, running_var: Tensor | None, outputs: tuple[Tensor, ...],
-        momentum: float, eps: float, temperature: float,
+        momentum: float, eps: float, temperature: float, status: Tensor | None = None,
     ) -> None:
         mean, invstd, new_mean, new_var, aux = outputs
         centre, mean_rel, var = (None, None, None) if given is None else (
             _f32(given[0]), None if given[1] is None else _f32(given[1]), _f32(given[2]))
         update = running_mean is not None
-        running_mean = _f32(running_mean) if update else None
+        running_mean = _f32(running_mean) if update else None  # itself when fp32 and contiguous
         running_var = _f32(running_var) if update else None
         self.module.finalise_forward(
             _DTYPE_CODES[x.dtype], *self._place(x), _pointer(partials), geo.splits, _pointer(x),
-            geo.s if geo.planar else 1, _pointer(affines), _pointer(centre), _pointer(mean_rel),
-            _pointer(var), _pointer(running_mean), _pointer(running_var), _pointer(mean),
+            geo.s if geo.planar else 1, *(_pointer(row) for row in affines), _pointer(centre),
+            _pointer(mean_rel), _pointer(var), _pointer(running_mean), _pointer(running_var), _pointer(mean),
             _pointer(invstd), _pointer(new_mean if update else None),
-            _pointer(new_var if update else None), _pointer(aux), geo.c, count, momentum, eps,
-            temperature)
+            _pointer(new_var if update else None), _pointer(aux), _pointer(status), geo.c, count, momentum,
+            eps, temperature)
 
     def finalise_backward(self, partials: Tensor, global_sums: Tensor | None, invstd: Tensor,
                           aux: Tensor, grad_affine: Tensor, coef: Tensor, count: float,

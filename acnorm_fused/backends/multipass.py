@@ -35,9 +35,9 @@ import torch
 from torch import Tensor
 
 from ..statistics import MOMENT_ROWS, merge_moments
+from .abi import AUX_ROWS
 from .geometry import Geometry, geometry
 
-AUX_ROWS = 8
 # The functions every fused backend module provides (see backends/pytorch.py).
 CONTRACT = ("aux_like", "forward", "backward", "local_statistics", "forward_with_statistics",
             "grad_sums", "backward_with_sums")
@@ -56,14 +56,19 @@ class PassKernels(Protocol):
         """The forward apply into ``out`` when ``dy`` is None, else dx."""
 
     def finalise_forward(
-        self, geo: Geometry, x: Tensor, affines: Tensor, partials: Tensor | None,
+        self, geo: Geometry, x: Tensor, affines: tuple[Tensor, ...], partials: Tensor | None,
         given: tuple[Tensor, Tensor | None, Tensor] | None, count: float,
         running_mean: Tensor | None, running_var: Tensor | None, outputs: tuple[Tensor, ...],
-        momentum: float, eps: float, temperature: float,
+        momentum: float, eps: float, temperature: float, status: Tensor | None = None,
     ) -> None:
         """Statistics from ``partials`` or ``given`` ``(centre, mean_rel or None,
         var)``, into ``outputs = (mean, invstd, new_mean, new_var, aux)``;
-        ``new_mean`` and ``new_var`` are empty when the running statistics stay."""
+        ``new_mean`` and ``new_var`` are empty when the running statistics stay
+        (or are the running statistics themselves: the update is in place).
+        ``affines`` are the four fp32 rows gamma_s, beta_s, gamma_t, beta_t.
+        Given a one-element int32 ``status``, it receives the
+        :data:`.abi.NON_FINITE_BITS` of the affines, and the running statistics
+        stay when any is set."""
 
     def finalise_backward(self, partials: Tensor, global_sums: Tensor | None, invstd: Tensor,
                           aux: Tensor, grad_affine: Tensor, coef: Tensor, count: float,
@@ -118,7 +123,7 @@ class MultiPassBackend:
             x.new_empty((channels if update else 0,), dtype=f32),
             self.aux_like(affines[0]),
         )
-        self.kernels.finalise_forward(geo, x, affines.to(f32).contiguous(), partials, given, count,
+        self.kernels.finalise_forward(geo, x, affines.to(f32).contiguous().unbind(0), partials, given, count,
                                       running_mean, running_var, outputs, momentum, eps, temperature)
         return outputs
 

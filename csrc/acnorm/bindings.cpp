@@ -109,18 +109,41 @@ void elementwise(const acnorm::Geometry& geo, int dtype, int device, std::uintpt
 }
 
 void finalise_forward(int dtype, int device, std::uintptr_t stream, std::uintptr_t partials, int64_t num_splits,
-                      std::uintptr_t x, int64_t pilot_stride, std::uintptr_t affines, std::uintptr_t given_centre,
+                      std::uintptr_t x, int64_t pilot_stride, std::uintptr_t gamma_s, std::uintptr_t beta_s,
+                      std::uintptr_t gamma_t, std::uintptr_t beta_t, std::uintptr_t given_centre,
                       std::uintptr_t given_mean_rel, std::uintptr_t given_var, std::uintptr_t running_mean,
                       std::uintptr_t running_var, std::uintptr_t mean, std::uintptr_t invstd,
-                      std::uintptr_t new_mean, std::uintptr_t new_var, std::uintptr_t aux, int64_t channels,
-                      float count, float momentum, float eps, float temperature) {
+                      std::uintptr_t new_mean, std::uintptr_t new_var, std::uintptr_t aux, std::uintptr_t status,
+                      int64_t channels, float count, float momentum, float eps, float temperature) {
   DeviceGuard guard(device);
   acnorm::FinaliseForwardArgs args{
-      ptr<const float>(partials), num_splits, ptr<const void>(x), pilot_stride, ptr<const float>(affines),
+      ptr<const float>(partials), num_splits, ptr<const void>(x), pilot_stride, ptr<const float>(gamma_s),
+      ptr<const float>(beta_s), ptr<const float>(gamma_t), ptr<const float>(beta_t),
       ptr<const float>(given_centre), ptr<const float>(given_mean_rel), ptr<const float>(given_var),
       ptr<const float>(running_mean), ptr<const float>(running_var), ptr<float>(mean), ptr<float>(invstd),
-      ptr<float>(new_mean), ptr<float>(new_var), ptr<float>(aux), channels, count, momentum, eps, temperature};
+      ptr<float>(new_mean), ptr<float>(new_var), ptr<float>(aux), ptr<int>(status), channels, count, momentum,
+      eps, temperature};
   check(acnorm::launch_finalise_forward(args, dtype_of(dtype), stream_of(stream)), "forward finalise launch");
+}
+
+void step_forward(const acnorm::StepPlan& plan, int device, std::uintptr_t stream, std::uintptr_t x,
+                  std::uintptr_t out, std::uintptr_t scratch, std::uintptr_t gamma_s, std::uintptr_t beta_s,
+                  std::uintptr_t gamma_t, std::uintptr_t beta_t, std::uintptr_t running_mean,
+                  std::uintptr_t running_var, std::uintptr_t status) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_step_forward(plan, ptr<const void>(x), ptr<void>(out), ptr<float>(scratch),
+                                    ptr<const float>(gamma_s), ptr<const float>(beta_s), ptr<const float>(gamma_t),
+                                    ptr<const float>(beta_t), ptr<float>(running_mean), ptr<float>(running_var),
+                                    ptr<int>(status), stream_of(stream)),
+        "forward step launch");
+}
+
+void step_backward(const acnorm::StepPlan& plan, int device, std::uintptr_t stream, std::uintptr_t x,
+                   std::uintptr_t dy, std::uintptr_t dx, std::uintptr_t fwd_scratch, std::uintptr_t bwd_scratch) {
+  DeviceGuard guard(device);
+  check(acnorm::launch_step_backward(plan, ptr<const void>(x), ptr<const void>(dy), ptr<void>(dx),
+                                     ptr<const float>(fwd_scratch), ptr<float>(bwd_scratch), stream_of(stream)),
+        "backward step launch");
 }
 
 void finalise_backward(int device, std::uintptr_t stream, std::uintptr_t partials, int64_t num_splits,
@@ -164,6 +187,24 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("block_c"))
       .def_property_readonly("num_splits", &acnorm::Geometry::num_splits);
 
+  py::class_<acnorm::StepPlan>(m, "StepPlan", py::module_local(),
+                               "One layer's step for one input signature (see acnorm_fused.backends.plan).")
+      .def(py::init([](const acnorm::Geometry& geo, int dtype, int activation, float slope, float count,
+                       float momentum, float eps, float temperature, bool batch_stats, bool update_running,
+                       int64_t pilot_stride, int64_t fwd_partials, int64_t fwd_mean, int64_t fwd_invstd,
+                       int64_t fwd_aux, int64_t bwd_partials, int64_t bwd_grad_affine, int64_t bwd_coef,
+                       int64_t bwd_grad_target) {
+             return acnorm::StepPlan{geo, dtype_of(dtype), activation, slope, count, momentum, eps, temperature,
+                                     batch_stats, update_running, pilot_stride, fwd_partials, fwd_mean,
+                                     fwd_invstd, fwd_aux, bwd_partials, bwd_grad_affine, bwd_coef,
+                                     bwd_grad_target};
+           }),
+           py::kw_only(), py::arg("geometry"), py::arg("dtype"), py::arg("activation"), py::arg("slope"),
+           py::arg("count"), py::arg("momentum"), py::arg("eps"), py::arg("temperature"), py::arg("batch_stats"),
+           py::arg("update_running"), py::arg("pilot_stride"), py::arg("fwd_partials"), py::arg("fwd_mean"),
+           py::arg("fwd_invstd"), py::arg("fwd_aux"), py::arg("bwd_partials"), py::arg("bwd_grad_affine"),
+           py::arg("bwd_coef"), py::arg("bwd_grad_target"));
+
   m.def("reduce", &reduce, "Statistics partials (dy = 0) or gradient partials of a batch.", py::arg("geometry"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("dy"), py::arg("partials"),
         py::arg("aux"), py::arg("activation"), py::arg("slope"));
@@ -173,16 +214,35 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("finalise_forward", &finalise_forward,
         "Statistics, running statistics, the rows of S and the effective affine, per channel.", py::arg("dtype"),
         py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("x"),
-        py::arg("pilot_stride"), py::arg("affines"), py::arg("given_centre"), py::arg("given_mean_rel"),
-        py::arg("given_var"), py::arg("running_mean"), py::arg("running_var"), py::arg("mean"), py::arg("invstd"),
-        py::arg("new_mean"), py::arg("new_var"), py::arg("aux"), py::arg("channels"), py::arg("count"),
-        py::arg("momentum"), py::arg("eps"), py::arg("temperature"));
+        py::arg("pilot_stride"), py::arg("gamma_s"), py::arg("beta_s"), py::arg("gamma_t"), py::arg("beta_t"),
+        py::arg("given_centre"), py::arg("given_mean_rel"), py::arg("given_var"), py::arg("running_mean"),
+        py::arg("running_var"), py::arg("mean"), py::arg("invstd"), py::arg("new_mean"), py::arg("new_var"),
+        py::arg("aux"), py::arg("status"), py::arg("channels"), py::arg("count"), py::arg("momentum"),
+        py::arg("eps"), py::arg("temperature"));
+  // Positional only: a step is two calls of these per layer, and keywords cost time there.
+  m.def("step_forward", &step_forward, "A plan's forward: statistics, finalise and apply.");
+  m.def("step_backward", &step_backward, "A plan's backward: gradient sums, finalise, (I + S)^T and dx.");
   m.def("finalise_backward", &finalise_backward, "dW, dB and the input-gradient coefficients, per channel.",
         py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("global_sums"),
         py::arg("invstd"), py::arg("aux"), py::arg("grad_affine"), py::arg("coef"), py::arg("channels"),
         py::arg("count"), py::arg("batch_stats"));
   m.def("target_grad", &target_grad, "(I + S)^T [dW; dB].", py::arg("device"), py::arg("stream"), py::arg("aux"),
         py::arg("grad_affine"), py::arg("grad_target"), py::arg("channels"), py::arg("temperature"));
+  // The numbering both kernel backends share (acnorm_fused/backends/abi.py checks it).
+  py::dict dtype_codes, activation_codes;
+  dtype_codes["float32"] = static_cast<int>(acnorm::DType::kFloat32);
+  dtype_codes["float16"] = static_cast<int>(acnorm::DType::kFloat16);
+  dtype_codes["bfloat16"] = static_cast<int>(acnorm::DType::kBFloat16);
+  activation_codes[""] = static_cast<int>(acnorm::kNone);
+  activation_codes["relu"] = static_cast<int>(acnorm::kRelu);
+  activation_codes["leaky_relu"] = static_cast<int>(acnorm::kLeakyRelu);
+  m.attr("DTYPE_CODES") = dtype_codes;
+  m.attr("ACTIVATION_CODES") = activation_codes;
+  m.attr("AUX_ROWS") = static_cast<int>(acnorm::kAuxRows);
+  m.attr("NON_FINITE_BITS") = py::make_tuple(static_cast<int>(acnorm::kSourceWeight),
+                                             static_cast<int>(acnorm::kSourceBias),
+                                             static_cast<int>(acnorm::kTargetWeight),
+                                             static_cast<int>(acnorm::kTargetBias));
   m.def("compiled_archs", &archs, "The SASS targets of this build, e.g. [80, 90].");
 #ifdef ACNORM_EMULATE
   m.attr("emulated") = true;  // kernels run on the CPU, on host pointers

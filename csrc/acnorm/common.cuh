@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <utility>
 
+#include "kernels.h"
+
 #ifdef ACNORM_EMULATE
 #include "emulator.h"
 #else
@@ -66,9 +68,6 @@ __device__ __forceinline__ void store_pack(T* ptr, const float (&in)[WIDTH]) {
 #endif
   *reinterpret_cast<Pack<T, WIDTH>*>(ptr) = pack;
 }
-
-// Activation codes, as the Python side numbers them.
-enum Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
 
 __device__ __forceinline__ float activate(float pre, int act, float slope) {
   if (act == kRelu) return pre > 0.f ? pre : 0.f;
@@ -166,15 +165,16 @@ __device__ __forceinline__ bool kept_in_s(float y_target, float y_source, float 
   return fabsf(y_target - y_source) <= fabsf(y_target - y_source_own);
 }
 
-// Rows of aux (see acnorm_fused/backends/multipass.py).
-enum AuxRow : int {
-  kScale = 0, kShiftB = 1, kCentreHi = 2, kCentreLo = 3, kSourceSig = 4, kTargetSig = 5,
-  kRowMax = 6, kRowSum = 7,
-};
+// NaN and infinity compare false here: whether v is a finite number.
+__device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e38f; }
+
+__device__ __forceinline__ int warp_or(int v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v |= __shfl_xor_sync(kFullMask, v, offset);
+  return v;
+}
 
 }  // namespace acnorm
-
-#include "kernels.h"
 
 namespace acnorm {
 

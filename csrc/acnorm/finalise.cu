@@ -6,7 +6,9 @@
 // computes the channel's row of the correlation S from y_t[c] and all of y_s
 // (no C x C matrix is stored), the effective affine
 // W_c = gamma_t[c] + sum_j S[c, j] gamma_t[j] (B_c alike) and the scale
-// W_c * invstd_c of the apply pass, and writes aux.
+// W_c * invstd_c of the apply pass, and writes aux. Given a status word, it
+// also says which affines hold a NaN or an infinity, and then leaves the
+// running statistics alone (the caller raises).
 //
 // finalise_backward_kernel: sums the gradient partials, giving dW, dB and the
 // coefficients of dx = scale * dy + p * (x - mean) + q.
@@ -21,9 +23,15 @@ namespace {
 
 constexpr int kWarpsPerBlock = 4;
 
-// Source signature of channel j, from the (4, C) affines.
-__device__ __forceinline__ float source_signature(const float* affines, int64_t C, int64_t j, float eps) {
-  return signature(affines[j], affines[C + j], eps);
+// Source signature of channel j.
+__device__ __forceinline__ float source_signature(const FinaliseForwardArgs& a, int64_t j) {
+  return signature(a.gamma_s[j], a.beta_s[j], a.eps);
+}
+
+// The NonFinite bits of channel j's four affine values.
+__device__ __forceinline__ int non_finite_bits(const FinaliseForwardArgs& a, int64_t j) {
+  return (is_finite(a.gamma_s[j]) ? 0 : kSourceWeight) | (is_finite(a.beta_s[j]) ? 0 : kSourceBias) |
+         (is_finite(a.gamma_t[j]) ? 0 : kTargetWeight) | (is_finite(a.beta_t[j]) ? 0 : kTargetBias);
 }
 
 template <typename T>
@@ -53,21 +61,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_k
   const float invstd = 1.f / sqrtf(var + a.eps);
 
   // Row c of the softmax: its maximum logit and exponential sum, then S's entries.
-  const float* gamma_t = a.affines + 2 * C;
-  const float* beta_t = a.affines + 3 * C;
+  // Every warp reads all four affines, so each one knows whether all are finite.
+  const float* gamma_t = a.gamma_t;
+  const float* beta_t = a.beta_t;
   const float y_target = signature(gamma_t[c], beta_t[c], a.eps);
-  const float y_source_own = source_signature(a.affines, C, c, a.eps);
+  const float y_source_own = source_signature(a, c);
   float row_max = -INFINITY;
-  for (int64_t j = lane; j < C; j += kWarpSize)
-    row_max = fmaxf(row_max, affinity_logit(y_target, source_signature(a.affines, C, j, a.eps), a.temperature));
+  int non_finite = 0;
+  for (int64_t j = lane; j < C; j += kWarpSize) {
+    row_max = fmaxf(row_max, affinity_logit(y_target, source_signature(a, j), a.temperature));
+    non_finite |= non_finite_bits(a, j);
+  }
   row_max = warp_max(row_max);
+  non_finite = warp_or(non_finite);
   float row_sum = 0.f;
   for (int64_t j = lane; j < C; j += kWarpSize)
-    row_sum += expf(affinity_logit(y_target, source_signature(a.affines, C, j, a.eps), a.temperature) - row_max);
+    row_sum += expf(affinity_logit(y_target, source_signature(a, j), a.temperature) - row_max);
   row_sum = warp_sum(row_sum);
   float w_sum = 0.f, b_sum = 0.f;
   for (int64_t j = lane; j < C; j += kWarpSize) {
-    const float y_source = source_signature(a.affines, C, j, a.eps);
+    const float y_source = source_signature(a, j);
     const float s = kept_in_s(y_target, y_source, y_source_own)
                         ? affinity(y_target, y_source, row_max, row_sum, a.temperature) : 0.f;
     w_sum += s * gamma_t[j];
@@ -77,7 +90,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_k
   b_sum = warp_sum(b_sum);
   if (lane != 0) return;
 
-  if (a.new_mean != nullptr) {
+  // A refused call leaves the running statistics as they were.
+  const bool refused = a.status != nullptr && non_finite != 0;
+  if (a.status != nullptr && c == 0) *a.status = non_finite;
+  if (a.new_mean != nullptr && !refused) {
     const float unbiased = var * (a.count / (a.count - 1.f));
     a.new_mean[c] = a.running_mean[c] + a.momentum * (mean - a.running_mean[c]);
     a.new_var[c] = a.running_var[c] + a.momentum * (unbiased - a.running_var[c]);

@@ -9,7 +9,17 @@
 
 namespace acnorm {
 
+// The numbering the Python side shares (the module exports it; acnorm_fused/backends/abi.py
+// checks it against its own at import).
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+enum Activation : int { kNone = 0, kRelu = 1, kLeakyRelu = 2 };
+// Rows of aux, (kAuxRows, C), written by the forward finalise (see acnorm_fused/backends/multipass.py).
+enum AuxRow : int {
+  kScale = 0, kShiftB = 1, kCentreHi = 2, kCentreLo = 3, kSourceSig = 4, kTargetSig = 5,
+  kRowMax = 6, kRowSum = 7, kAuxRows = 8,
+};
+// Bits of the finalise status: which affine holds a NaN or an infinity.
+enum NonFinite : int { kSourceWeight = 1, kSourceBias = 2, kTargetWeight = 4, kTargetBias = 8 };
 
 // The input's layout and the split grid of the reduction passes (see
 // acnorm_fused/backends/geometry.py, which computes it).
@@ -46,7 +56,10 @@ struct FinaliseForwardArgs {
   int64_t num_splits;
   const void* x;              // the pilot K of channel c is x[c * pilot_stride]
   int64_t pilot_stride;
-  const float* affines;       // (4, C): gamma_s, beta_s, gamma_t, beta_t
+  const float* gamma_s;       // the four affines, C values each
+  const float* beta_s;
+  const float* gamma_t;
+  const float* beta_t;
   const float* given_centre;  // given statistics: mean = centre (+ mean_rel), var
   const float* given_mean_rel;  // may be nullptr
   const float* given_var;
@@ -56,7 +69,9 @@ struct FinaliseForwardArgs {
   float* invstd;
   float* new_mean;            // nullptr: the running statistics stay
   float* new_var;
-  float* aux;                 // (8, C)
+  float* aux;                 // (kAuxRows, C)
+  int* status;                // may be nullptr; else gets the NonFinite bits of the affines, and
+                              // the running statistics stay when any is set
   int64_t channels;
   float count, momentum, eps, temperature;
 };
@@ -74,6 +89,34 @@ cudaError_t launch_finalise_backward(const float* partials, int64_t num_splits, 
 // (I + S)^T [dW; dB] into grad_target (2, C), S recomputed from aux.
 cudaError_t launch_target_grad(const float* aux, const float* grad_affine, float* grad_target,
                                int64_t channels, float temperature, cudaStream_t stream);
+
+// One layer's eager training or eval step for one input signature: the
+// launch geometry, the settings and where each per-channel array lives in
+// the step's two scratch buffers (fp32 offsets), all fixed when the plan is
+// built (acnorm_fused/backends/plan.py), so that a step is one call per pass.
+struct StepPlan {
+  Geometry geo;
+  DType dtype;
+  int activation;
+  float slope, count, momentum, eps, temperature;
+  bool batch_stats;      // batch statistics, else the running ones
+  bool update_running;   // move the running statistics, in place
+  int64_t pilot_stride;  // x[c * pilot_stride] is channel c's first value
+  // Forward scratch: statistics partials, mean, invstd, aux.
+  int64_t fwd_partials, fwd_mean, fwd_invstd, fwd_aux;
+  // Backward scratch: gradient partials, dW and dB, dx coefficients, target gradients.
+  int64_t bwd_partials, bwd_grad_affine, bwd_coef, bwd_grad_target;
+};
+
+// The forward of a plan: statistics (when batch_stats), finalise, apply into out.
+cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, float* scratch,
+                                const float* gamma_s, const float* beta_s, const float* gamma_t,
+                                const float* beta_t, float* running_mean, float* running_var, int* status,
+                                cudaStream_t stream);
+
+// The backward of a plan: gradient sums, finalise, (I + S)^T, dx; fwd_scratch is the forward's.
+cudaError_t launch_step_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
+                                 const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream);
 
 }  // namespace acnorm
 

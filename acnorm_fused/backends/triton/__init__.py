@@ -58,23 +58,23 @@ class TritonKernels:
             )
 
     def finalise_forward(
-        self, geo: Geometry, x: Tensor, affines: Tensor, partials: Tensor | None,
+        self, geo: Geometry, x: Tensor, affines: tuple[Tensor, ...], partials: Tensor | None,
         given: tuple[Tensor, Tensor | None, Tensor] | None, count: float,
         running_mean: Tensor | None, running_var: Tensor | None, outputs: tuple[Tensor, ...],
-        momentum: float, eps: float, temperature: float,
+        momentum: float, eps: float, temperature: float, status: Tensor | None = None,
     ) -> None:
         mean, invstd, new_mean, new_var, aux = outputs
         centre, mean_rel, var = given if given is not None else (mean, None, mean)  # unread when partials
         block_ch, block_split = finalise_blocks(geo.c, geo.splits)
         finalise_forward_kernel[(-(-geo.c // block_ch),)](
             mean if partials is None else partials, geo.splits, x, geo.s if geo.planar else 1,
-            affines, centre, centre if mean_rel is None else mean_rel, var,
+            *affines, centre, centre if mean_rel is None else mean_rel, var,
             mean if running_mean is None else running_mean,
             mean if running_var is None else running_var,
-            mean, invstd, new_mean, new_var, aux,
+            mean, invstd, new_mean, new_var, aux, mean if status is None else status,
             geo.c, count, momentum, eps, temperature,
             BATCH_STATS=partials is not None, HAS_MEAN_REL=mean_rel is not None,
-            UPDATE_RUNNING=running_mean is not None,
+            UPDATE_RUNNING=running_mean is not None, STATUS=status is not None,
             BLOCK_CH=block_ch, BLOCK_SPLIT=block_split, BLOCK_J=CORRELATION_BLOCK,
         )
 

@@ -6,7 +6,9 @@ ones in eval, or moments merged across processes), move the running
 statistics, compute each channel's row of the correlation S from
 ``y_t[c]`` and all of ``y_s`` (no C x C matrix is stored), the effective
 affine ``W_c = gamma_t[c] + sum_j S[c, j] gamma_t[j]`` (``B_c`` alike), and the
-scale ``W_c * invstd_c`` of the apply pass.
+scale ``W_c * invstd_c`` of the apply pass. Given a status word, it also
+says which affines hold a NaN or an infinity (:data:`..abi.NON_FINITE_BITS`),
+and then leaves the running statistics alone.
 
 ``finalise_backward_kernel``: sum the gradient partials, giving ``dW``, ``dB``
 and the coefficients of ``dx = scale * dy + p * (x - mean) + q`` (from sums
@@ -24,26 +26,30 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ..abi import NON_FINITE_BITS
 from .primitives import affinity, affinity_logit, chan_merge, kept_in_s, signature
+
+NON_FINITE_GAMMA_S, NON_FINITE_BETA_S, NON_FINITE_GAMMA_T, NON_FINITE_BETA_T = (
+    tl.constexpr(bit) for bit in NON_FINITE_BITS)
 
 
 @triton.jit
-def _softmax_normalisers(y_target, affines_ptr, C, eps, temperature,
+def _softmax_normalisers(y_target, gamma_s_ptr, beta_s_ptr, C, eps, temperature,
                          BLOCK_CH: tl.constexpr, BLOCK_J: tl.constexpr):
     """Maximum logit and sum of exponentials of rows of A (``y_target``: one per row)."""
     row_max = tl.full([BLOCK_CH], float("-inf"), tl.float32)
     for j in range(0, C, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
-        y_source = signature(tl.load(affines_ptr + cols, mask=cols < C, other=1.0),
-                             tl.load(affines_ptr + C + cols, mask=cols < C, other=0.0), eps)
+        y_source = signature(tl.load(gamma_s_ptr + cols, mask=cols < C, other=1.0),
+                             tl.load(beta_s_ptr + cols, mask=cols < C, other=0.0), eps)
         logits = affinity_logit(y_target[:, None], y_source[None, :], temperature)
         logits = tl.where((cols < C)[None, :], logits, float("-inf"))
         row_max = tl.maximum(row_max, tl.max(logits, axis=1))
     row_sum = tl.zeros([BLOCK_CH], tl.float32)
     for j in range(0, C, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
-        y_source = signature(tl.load(affines_ptr + cols, mask=cols < C, other=1.0),
-                             tl.load(affines_ptr + C + cols, mask=cols < C, other=0.0), eps)
+        y_source = signature(tl.load(gamma_s_ptr + cols, mask=cols < C, other=1.0),
+                             tl.load(beta_s_ptr + cols, mask=cols < C, other=0.0), eps)
         logits = affinity_logit(y_target[:, None], y_source[None, :], temperature)
         terms = tl.exp(logits - row_max[:, None])
         row_sum += tl.sum(tl.where((cols < C)[None, :], terms, 0.0), axis=1)
@@ -51,13 +57,19 @@ def _softmax_normalisers(y_target, affines_ptr, C, eps, temperature,
 
 
 @triton.jit
+def _non_finite(v):
+    """1 where ``v`` is NaN or infinite, else 0."""
+    return ((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32)
+
+
+@triton.jit
 def finalise_forward_kernel(
-    partials_ptr, num_splits, x_ptr, pilot_stride, affines_ptr,
+    partials_ptr, num_splits, x_ptr, pilot_stride, gamma_s_ptr, beta_s_ptr, gamma_t_ptr, beta_t_ptr,
     given_centre_ptr, given_mean_rel_ptr, given_var_ptr, running_mean_ptr, running_var_ptr,
-    mean_ptr, invstd_ptr, new_mean_ptr, new_var_ptr, aux_ptr,
+    mean_ptr, invstd_ptr, new_mean_ptr, new_var_ptr, aux_ptr, status_ptr,
     C, count, momentum, eps, temperature,
     BATCH_STATS: tl.constexpr, HAS_MEAN_REL: tl.constexpr, UPDATE_RUNNING: tl.constexpr,
-    BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_J: tl.constexpr,
+    STATUS: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
     channels = tl.program_id(0) * BLOCK_CH + tl.arange(0, BLOCK_CH)
     channel_mask = channels < C
@@ -81,37 +93,56 @@ def finalise_forward_kernel(
         else:
             centre_lo = tl.zeros([BLOCK_CH], tl.float32)
     mean = centre_hi + centre_lo
-    if UPDATE_RUNNING:
-        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
-        old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
-        unbiased = var * (count / (count - 1.0))
-        tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=channel_mask)
-        tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=channel_mask)
     invstd = 1.0 / tl.sqrt(var + eps)
     tl.store(mean_ptr + channels, mean, mask=channel_mask)
     tl.store(invstd_ptr + channels, invstd, mask=channel_mask)
 
-    # Row c of S and the effective affine; affines rows: gamma_s, beta_s, gamma_t, beta_t.
-    gamma_t = tl.load(affines_ptr + 2 * C + channels, mask=channel_mask, other=1.0)
-    beta_t = tl.load(affines_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    # Row c of S and the effective affine. Every program reads all four
+    # affines, so each one knows whether all are finite.
+    gamma_t = tl.load(gamma_t_ptr + channels, mask=channel_mask, other=1.0)
+    beta_t = tl.load(beta_t_ptr + channels, mask=channel_mask, other=0.0)
     y_target = signature(gamma_t, beta_t, eps)
-    y_source_own = signature(tl.load(affines_ptr + channels, mask=channel_mask, other=1.0),
-                             tl.load(affines_ptr + C + channels, mask=channel_mask, other=0.0), eps)
-    row_max, row_sum = _softmax_normalisers(y_target, affines_ptr, C, eps, temperature, BLOCK_CH, BLOCK_J)
+    y_source_own = signature(tl.load(gamma_s_ptr + channels, mask=channel_mask, other=1.0),
+                             tl.load(beta_s_ptr + channels, mask=channel_mask, other=0.0), eps)
+    row_max, row_sum = _softmax_normalisers(y_target, gamma_s_ptr, beta_s_ptr, C, eps, temperature,
+                                            BLOCK_CH, BLOCK_J)
     w_eff = gamma_t
     b_eff = beta_t
+    bad_gamma_s = 0
+    bad_beta_s = 0
+    bad_gamma_t = 0
+    bad_beta_t = 0
     for j in range(0, C, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
         col_mask = cols < C
-        y_source = signature(tl.load(affines_ptr + cols, mask=col_mask, other=1.0),
-                             tl.load(affines_ptr + C + cols, mask=col_mask, other=0.0), eps)
+        gamma_s_cols = tl.load(gamma_s_ptr + cols, mask=col_mask, other=1.0)
+        beta_s_cols = tl.load(beta_s_ptr + cols, mask=col_mask, other=0.0)
+        y_source = signature(gamma_s_cols, beta_s_cols, eps)
         a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
         kept = kept_in_s(y_target[:, None], y_source[None, :], y_source_own[:, None])
         s = tl.where(col_mask[None, :] & kept, a, 0.0)
-        gamma_cols = tl.load(affines_ptr + 2 * C + cols, mask=col_mask, other=0.0)
-        beta_cols = tl.load(affines_ptr + 3 * C + cols, mask=col_mask, other=0.0)
+        gamma_cols = tl.load(gamma_t_ptr + cols, mask=col_mask, other=0.0)
+        beta_cols = tl.load(beta_t_ptr + cols, mask=col_mask, other=0.0)
         w_eff += tl.sum(s * gamma_cols[None, :], axis=1)
         b_eff += tl.sum(s * beta_cols[None, :], axis=1)
+        if STATUS:
+            bad_gamma_s = tl.maximum(bad_gamma_s, tl.max(_non_finite(gamma_s_cols), axis=0))
+            bad_beta_s = tl.maximum(bad_beta_s, tl.max(_non_finite(beta_s_cols), axis=0))
+            bad_gamma_t = tl.maximum(bad_gamma_t, tl.max(_non_finite(gamma_cols), axis=0))
+            bad_beta_t = tl.maximum(bad_beta_t, tl.max(_non_finite(beta_cols), axis=0))
+    update_mask = channel_mask
+    if STATUS:
+        status = (bad_gamma_s * NON_FINITE_GAMMA_S + bad_beta_s * NON_FINITE_BETA_S
+                  + bad_gamma_t * NON_FINITE_GAMMA_T + bad_beta_t * NON_FINITE_BETA_T)
+        tl.store(status_ptr, status, mask=tl.program_id(0) == 0)
+        # A refused call leaves the running statistics as they were.
+        update_mask = channel_mask & (status == 0)
+    if UPDATE_RUNNING:
+        old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
+        old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
+        unbiased = var * (count / (count - 1.0))
+        tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=update_mask)
+        tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=update_mask)
     tl.store(aux_ptr + 0 * C + channels, w_eff * invstd, mask=channel_mask)
     tl.store(aux_ptr + 1 * C + channels, b_eff, mask=channel_mask)
     tl.store(aux_ptr + 2 * C + channels, centre_hi, mask=channel_mask)

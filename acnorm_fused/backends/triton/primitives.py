@@ -6,19 +6,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Activation codes of the ``ACT`` constexpr.
-ACT_NONE = 0
-ACT_RELU = 1
-ACT_LEAKY_RELU = 2
-ACTIVATION_CODES = {"": ACT_NONE, "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU}
+from ..abi import ACTIVATION_CODES
+
+# Activation codes of the ``ACT`` constexpr (numbered in ..abi).
+ACT_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+ACT_LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["leaky_relu"])
 
 
 @triton.jit
 def activate(pre, slope, ACT: tl.constexpr):
     """``act(pre)``."""
-    if ACT == 1:
+    if ACT == ACT_RELU:
         return tl.where(pre > 0, pre, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_LEAKY_RELU:
         return tl.where(pre > 0, pre, pre * slope)
     else:
         return pre
@@ -27,9 +27,9 @@ def activate(pre, slope, ACT: tl.constexpr):
 @triton.jit
 def activation_grad(grad, pre, slope, ACT: tl.constexpr):
     """Gradient with respect to the pre-activation ``pre``, from the output gradient."""
-    if ACT == 1:
+    if ACT == ACT_RELU:
         return tl.where(pre > 0, grad, 0.0)
-    elif ACT == 2:
+    elif ACT == ACT_LEAKY_RELU:
         return tl.where(pre > 0, grad, grad * slope)
     else:
         return grad

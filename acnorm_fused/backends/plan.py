@@ -1,0 +1,292 @@
+"""Launch plans: a layer's eager path to the kernels, worked out once.
+
+A small layer's eager step costs more on the host than on the GPU, so what
+can be decided once is decided once. The first time an AC-Norm layer sees an
+input signature (shape, strides, dtype, device, training mode) it runs the
+full checks of :func:`acnorm_fused.functional.checked_backend`, so every
+error is that of the general path; when a kernel backend (``cuda``,
+``triton``) runs the input and the layer's state is plain (fp32 parameters
+and buffers, a dense input), it builds a :class:`LaunchPlan` and keeps it.
+Later calls with the same signature check that the parameters and buffers
+still live where they did, then go straight to the launches:
+
+- the launch geometry, the settings and the compiled module's ``StepPlan``
+  are fixed in the plan;
+- one scratch allocation per pass holds every per-channel array (partials,
+  statistics, ``aux``, the dx coefficients, the target gradients), each at a
+  fixed offset;
+- :class:`PlannedStep` is an autograd Function of the three differentiable
+  tensors that saves x alone (the forward's scratch rides on the context);
+- the finalise kernel moves the running statistics in place and checks the
+  four affines for NaN and infinity on its way (a status word): on a CPU the
+  call raises at once, before the counter moves, and the kernel has left the
+  running statistics alone; on a GPU the word is copied to pinned memory and
+  read by the layer's next call, which raises, as the general path's
+  deferred check does.
+
+Anything a plan does not cover takes the general path. A layer drops its
+plans when any of its attributes is set (settings, parameters) and a plan
+is rebuilt when a parameter or buffer has moved (``.to()``, ``.data =``).
+The backend an ``"auto"`` layer resolves to, ``ACNORM_BACKEND`` included, is
+decided when its plan is built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .._checks import raise_for_status
+from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
+from .geometry import Geometry, geometry
+
+__all__ = ["KERNEL_BACKEND_NAMES", "LaunchPlan", "PlannedStep", "plan_covers"]
+
+KERNEL_BACKEND_NAMES = ("cuda", "triton")
+_F32 = torch.float32
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _is_dense(x: Tensor) -> bool:
+    """Contiguous, or channels-last of its rank: the layouts the kernels walk as they are."""
+    if x.is_contiguous():
+        return True
+    memory_format = _CHANNELS_LAST.get(x.dim())
+    return memory_format is not None and x.is_contiguous(memory_format=memory_format)
+
+
+def _plain(t: Tensor | None) -> bool:
+    return t is None or (t.dtype == _F32 and t.is_contiguous())
+
+
+def plan_covers(backend: str, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether a plan can run ``x`` on ``backend`` with the layer's parameters and
+    buffers ``tensors`` (as :meth:`LaunchPlan.tensors_of` orders them), already checked."""
+    return (backend in KERNEL_BACKEND_NAMES and x.numel() > 0 and _is_dense(x)
+            and all(_plain(t) for t in tensors))
+
+
+def _pointers(tensors: tuple[Tensor | None, ...]) -> tuple[int, ...]:
+    w, b, wt, bt, rm, rv = tensors
+    return (w.data_ptr(), b.data_ptr(), wt.data_ptr(), bt.data_ptr(),
+            0 if rm is None else rm.data_ptr(), 0 if rv is None else rv.data_ptr())
+
+
+class _ScratchLayout:
+    """Where each per-channel fp32 array sits in a pass's scratch buffer."""
+
+    def __init__(self, geo: Geometry):
+        c, splits = geo.c, geo.splits
+        # Forward: statistics partials (3, C, splits), mean, invstd, aux.
+        self.fwd_partials, self.fwd_mean = 0, 3 * c * splits
+        self.fwd_invstd = self.fwd_mean + c
+        self.fwd_aux = self.fwd_invstd + c
+        self.fwd_len = self.fwd_aux + AUX_ROWS * c
+        # Backward: the target gradients first (returned as views), dW and
+        # dB, the dx coefficients, the gradient partials (2, C, splits).
+        self.bwd_grad_target = 0
+        self.bwd_grad_affine = 2 * c
+        self.bwd_coef = 4 * c
+        self.bwd_partials = 6 * c
+        self.bwd_len = self.bwd_partials + 2 * c * splits
+
+    def forward_views(self, scratch: Tensor, c: int) -> tuple[Tensor, ...]:
+        """``(partials, mean, invstd, aux)`` of a forward scratch, in one operator."""
+        partials, mean, invstd, aux = scratch.split_with_sizes((self.fwd_mean, c, c, AUX_ROWS * c))
+        return partials, mean, invstd, aux.view(AUX_ROWS, c)
+
+    def backward_views(self, scratch: Tensor, c: int) -> tuple[Tensor, ...]:
+        """``(grad_weight_target, grad_bias_target, grad_affine, coef, partials)`` of a
+        backward scratch, in one operator."""
+        return scratch.split_with_sizes((c, c, 2 * c, 2 * c, self.bwd_len - self.bwd_partials))
+
+
+class _Status:
+    """The word the forward finalise writes (non-finite affines), and its host copy."""
+
+    def __init__(self, device: torch.device):
+        self.word = torch.zeros(1, dtype=torch.int32, device=device)
+        # A GPU's word reaches the host by an asynchronous copy, read by the next call.
+        self.host = self.word if device.type == "cpu" else torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self.deferred = device.type != "cpu"
+        self._value = ctypes.c_int32.from_address(self.host.data_ptr())
+
+    def take(self) -> int:
+        """The status the host has, cleared."""
+        value = self._value.value
+        if value:
+            self._value.value = 0
+        return value
+
+    def send(self) -> None:
+        if self.deferred:
+            self.host.copy_(self.word, non_blocking=True)
+
+
+class LaunchPlan:
+    """One layer's kernel launches for one input signature (see the module docstring)."""
+
+    def __init__(self, backend: str, x: Tensor, tensors: tuple[Tensor | None, ...], *, caller: str,
+                 batch_stats: bool, update_running: bool, counts_batches: bool, momentum: float,
+                 eps: float, temperature: float, activation: str, negative_slope: float):
+        self.backend = backend
+        self.caller = caller
+        self.geo = geo = geometry(x)
+        self.layout = _ScratchLayout(geo)
+        self.device = x.device
+        self.strides = x.stride()
+        self.pointers = _pointers(tensors)
+        self.batch_stats = batch_stats
+        self.update_running = update_running
+        self.counts_batches = counts_batches
+        self.momentum, self.eps, self.temperature = momentum, eps, temperature
+        self.activation, self.negative_slope = activation, negative_slope
+        self.count = float(geo.count)
+        self.status = _Status(x.device)
+        self.launches = _CudaLaunches(self, x) if backend == "cuda" else _TritonLaunches(self)
+
+    @staticmethod
+    def tensors_of(layer) -> tuple[Tensor | None, ...]:
+        """The layer's ``(weight, bias, weight_target, bias_target, running_mean, running_var)``."""
+        params, buffers = layer._parameters, layer._buffers
+        return (params["weight"], params["bias"], params["weight_target"], params["bias_target"],
+                buffers["running_mean"], buffers["running_var"])
+
+    def run(self, layer, x: Tensor) -> Tensor | None:
+        """The layer's output for ``x``, or None when its parameters or buffers have
+        moved since the plan was built (the caller then takes the general path)."""
+        tensors = self.tensors_of(layer)
+        if _pointers(tensors) != self.pointers:
+            return None
+        out = PlannedStep.apply(self, tensors, x, tensors[2], tensors[3])
+        if self.counts_batches:
+            layer._buffers["num_batches_tracked"].add_(1)
+        return out
+
+    def forward(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor]:
+        """``(out, forward scratch)``; raises for non-finite affines (see the module docstring)."""
+        status = self.status
+        if status.deferred:
+            raise_for_status(self.caller, status.take(), NON_FINITE_BITS, late=True)
+        out = torch.empty_like(x)
+        scratch = torch.empty(self.layout.fwd_len, dtype=_F32, device=self.device)
+        self.launches.forward(x, out, scratch, tensors)
+        if status.deferred:
+            status.send()
+        else:
+            raise_for_status(self.caller, status.take(), NON_FINITE_BITS)
+        return out, scratch
+
+    def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(grad_x, grad_weight_target, grad_bias_target)``."""
+        if grad_out.stride() != self.strides:
+            # The kernels walk x and dy with the same offsets.
+            grad_out = torch.empty_like(x).copy_(grad_out)
+        grad_x = torch.empty_like(x)
+        bwd = torch.empty(self.layout.bwd_len, dtype=_F32, device=self.device)
+        grad_w, grad_b = self.launches.backward(grad_out, x, grad_x, fwd, bwd)
+        return grad_x, grad_w, grad_b
+
+
+class _CudaLaunches:
+    """A plan's passes as two calls of the compiled module (one per pass)."""
+
+    def __init__(self, plan: LaunchPlan, x: Tensor):
+        from . import cuda_extension
+        from .cuda import module_geometry, raw_stream
+
+        self.module = module = cuda_extension()
+        geo, layout = plan.geo, plan.layout
+        self.step = module.StepPlan(
+            geometry=module_geometry(module, geo), dtype=DTYPE_CODES[x.dtype],
+            activation=ACTIVATION_CODES[plan.activation], slope=plan.negative_slope, count=plan.count,
+            momentum=plan.momentum, eps=plan.eps, temperature=plan.temperature,
+            batch_stats=plan.batch_stats, update_running=plan.update_running,
+            pilot_stride=geo.s if geo.planar else 1, fwd_partials=layout.fwd_partials,
+            fwd_mean=layout.fwd_mean, fwd_invstd=layout.fwd_invstd, fwd_aux=layout.fwd_aux,
+            bwd_partials=layout.bwd_partials, bwd_grad_affine=layout.bwd_grad_affine,
+            bwd_coef=layout.bwd_coef, bwd_grad_target=layout.bwd_grad_target)
+        self.index = x.device.index if x.is_cuda else -1
+        self.raw_stream = raw_stream if x.is_cuda else None
+        self.status = plan.status.word.data_ptr()
+        self.pointers = plan.pointers
+        self.grad_split = (geo.c, geo.c, layout.bwd_len - 2 * geo.c)
+
+    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+        # The parameters' and buffers' addresses are the plan's: run() has checked them.
+        stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
+        self.module.step_forward(self.step, self.index, stream, x.data_ptr(), out.data_ptr(),
+                                 scratch.data_ptr(), *self.pointers, self.status)
+
+    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
+                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+        stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
+        self.module.step_backward(self.step, self.index, stream, x.data_ptr(), grad_out.data_ptr(),
+                                  grad_x.data_ptr(), fwd.data_ptr(), bwd.data_ptr())
+        grad_w, grad_b, _ = bwd.split_with_sizes(self.grad_split)
+        return grad_w, grad_b
+
+
+class _TritonLaunches:
+    """A plan's passes as launches of the Triton kernels, on views of the scratch."""
+
+    def __init__(self, plan: LaunchPlan):
+        from .triton import TritonKernels
+
+        self.kernels = TritonKernels()
+        self.plan = plan
+
+    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+        plan, kernels = self.plan, self.kernels
+        geo = plan.geo
+        partials, mean, invstd, aux = plan.layout.forward_views(scratch, geo.c)
+        w, b, wt, bt, rm, rv = tensors
+        act, slope = plan.activation, plan.negative_slope
+        if plan.batch_stats:
+            kernels.reduce(geo, x, None, partials, partials, act, slope)
+            given = None
+        else:
+            given = (rm, None, rv)
+        running = (rm, rv) if plan.update_running else (None, None)
+        kernels.finalise_forward(
+            geo, x, (w, b, wt, bt), partials if plan.batch_stats else None, given, plan.count, *running,
+            (mean, invstd, *running, aux) if plan.update_running else (mean, invstd, mean, mean, aux),
+            plan.momentum, plan.eps, plan.temperature, plan.status.word)
+        kernels.elementwise(geo, x, None, out, aux, aux, act, slope)
+
+    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
+                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+        plan, kernels = self.plan, self.kernels
+        geo = plan.geo
+        _, _, invstd, aux = plan.layout.forward_views(fwd, geo.c)
+        grad_w, grad_b, grad_affine, coef, partials = plan.layout.backward_views(bwd, geo.c)
+        act, slope = plan.activation, plan.negative_slope
+        kernels.reduce(geo, x, grad_out, partials.view(2, geo.c, geo.splits), aux, act, slope)
+        kernels.finalise_backward(partials.view(2, geo.c, geo.splits), None, invstd, aux,
+                                  grad_affine, coef, plan.count, plan.batch_stats)
+        kernels.target_grad(aux, grad_affine, bwd[:2 * geo.c], plan.temperature)
+        kernels.elementwise(geo, x, grad_out, grad_x, aux, coef, act, slope)
+        return grad_w, grad_b
+
+
+class PlannedStep(torch.autograd.Function):
+    """AC-Norm through a :class:`LaunchPlan`: differentiable in ``x``,
+    ``weight_target`` and ``bias_target``; saves ``x`` alone."""
+
+    @staticmethod
+    def forward(ctx, plan: LaunchPlan, tensors, x: Tensor, weight_target: Tensor, bias_target: Tensor) -> Tensor:
+        out, scratch = plan.forward(x, tensors)
+        ctx.save_for_backward(x)
+        ctx.plan = plan
+        ctx.scratch = scratch
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        x, = ctx.saved_tensors
+        grad_x, grad_w, grad_b = ctx.plan.backward(grad_out, x, ctx.scratch)
+        return None, None, grad_x, grad_w, grad_b
