@@ -181,7 +181,9 @@ def run_steps(backend, x, affines, running, activation: str, around: Callable = 
 def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch]:
     """The kernel launches of one training step and one eval forward on ``shape``
     (meta tensors: nothing is allocated or run)."""
-    from .backends import triton as triton_backend
+    from .backends import fused_backend
+
+    triton_backend = fused_backend("triton")
 
     launches: list[Launch] = []
     x, affines, running = _case_tensors(shape, dtype, layout, "meta")
@@ -401,7 +403,9 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
     tensor of ``shape``, run by the Triton kernels in the interpreter. The
     streamed tensors are x, dy and the op's output (known once it returns;
     every buffer of the op stays alive until then, so no address is reused)."""
-    from .backends import triton as triton_backend
+    from .backends import fused_backend
+
+    triton_backend = fused_backend("triton")
     from .backends.geometry import geometry
 
     x, affines, running = _case_tensors(shape, dtype, layout, "cpu")

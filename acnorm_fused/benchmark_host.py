@@ -244,6 +244,11 @@ def cost_table(case: Case = COST_CASE, noop: bool = True, module=None) -> list[s
     return lines + [""]
 
 
+def cost_report(machine: str, case: Case = COST_CASE) -> str:
+    """The Markdown report of :func:`cost_table`, with the machine named."""
+    return "\n".join([f"Machine: {machine}", "", *cost_table(case)]) + "\n"
+
+
 def profile_case(case: Case, device: torch.device, repeats: int = 50,
                  profile_steps: int = 100) -> list[str]:
     """The Markdown section of one case: the time table, then the fused layer's profiles."""
@@ -284,8 +289,4 @@ def run(cases: Sequence[Case], device: torch.device, machine: str, repeats: int 
         lines += profile_case(case, device, repeats)
         if progress is not None:
             progress(f"[{index}/{len(cases)}] {case.label()}: profiled")
-    if device.type == "cpu":
-        lines += cost_table()
-        if progress is not None:
-            progress(f"host cost per eager step: {COST_CASE.label()}")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,10 @@
-"""Backend selection.
+"""The backends, and how a call picks one.
 
-``reference`` is the authors' formulation, differentiated by autograd. The
-other backends ("fused" backends: ``torch``, ``triton``, ``cuda``) implement the
-functions of :mod:`acnorm_fused.backends.pytorch` with the same signatures:
+Each backend is a :class:`Backend` in :data:`REGISTRY` that says what it
+runs and why it cannot run a given input. ``reference`` is the authors'
+formulation, differentiated by autograd. The other backends ("fused"
+backends: ``torch``, ``triton``, ``cuda``) implement the functions of
+:mod:`acnorm_fused.backends.pytorch` with the same signatures:
 ``aux_like``, ``forward`` and ``backward``, which run behind the custom ops of
 :mod:`acnorm_fused.ops`, and the steps ``local_statistics``,
 ``forward_with_statistics``, ``grad_sums`` and ``backward_with_sums`` that
@@ -23,15 +25,8 @@ import torch
 
 from .abi import check_module_abi
 
-BACKENDS = ("auto", "reference", "torch", "triton", "cuda")
 BACKEND_ENV = "ACNORM_BACKEND"
 
-# Fused backends, by name -> module.
-_FUSED_MODULES = {
-    "torch": "acnorm_fused.backends.pytorch",
-    "triton": "acnorm_fused.backends.triton",
-    "cuda": "acnorm_fused.backends.cuda",
-}
 # What the kernel backends (triton, cuda) run; float64 stays on torch.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,10 +37,6 @@ def triton_interpreted() -> bool:
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-def _triton_usable() -> bool:
-    return _TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
 
 
 @functools.cache
@@ -90,56 +81,132 @@ def cuda_extension_status() -> str:
     return f"built for {archs} ({module.__file__})"
 
 
+class Backend:
+    """One way to run AC-Norm: its name, what it runs, and why it cannot run a
+    given input. The instances in :data:`REGISTRY` are the only backends;
+    :func:`resolve_backend` and :func:`available_backends` read them."""
+
+    name: str = ""
+    summary: str = ""
+    devices: str = ""
+    dtypes: tuple[torch.dtype, ...] = ()
+    # "module:attribute" of the fused-backend contract (see the module docstring); "" for none.
+    implementation: str = ""
+
+    def is_available(self) -> bool:
+        """Whether it can run anything on this installation and machine."""
+        return True
+
+    def refusal(self, x: torch.Tensor, caller: str) -> Exception | None:
+        """The error to raise for an input it cannot run (None when it can)."""
+        return None
+
+    def picked_by_auto(self, x: torch.Tensor) -> bool:
+        """Whether ``"auto"`` chooses it for ``x`` (asked in :data:`AUTO_ORDER`)."""
+        return False
+
+    @functools.cached_property
+    def contract(self):
+        """The object whose functions implement the fused-backend contract."""
+        if not self.implementation:
+            raise RuntimeError(f"backend {self.name!r} is not a fused backend")
+        module, _, attribute = self.implementation.partition(":")
+        loaded = importlib.import_module(module)
+        return getattr(loaded, attribute) if attribute else loaded
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    summary = "the authors' formulation (two BatchNorms and a sum), differentiated by autograd"
+    devices = "any"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    summary = "one ATen BatchNorm with the effective affine"
+    devices = "any"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    implementation = "acnorm_fused.backends.pytorch"
+
+    def picked_by_auto(self, x: torch.Tensor) -> bool:
+        return True
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    summary = "fused Triton kernels"
+    devices = "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)"
+    dtypes = KERNEL_DTYPES
+    implementation = "acnorm_fused.backends.triton:BACKEND"
+
+    def is_available(self) -> bool:
+        return _TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
+
+    def refusal(self, x: torch.Tensor, caller: str) -> Exception | None:
+        if not _TRITON_INSTALLED:
+            return RuntimeError(
+                f"{caller}: backend 'triton' needs the triton package (pip install 'acnorm-fused[triton]')")
+        if x.dtype not in self.dtypes:
+            return TypeError(
+                f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
+                f"{x.dtype}; use backend='torch' for it")
+        if x.is_cuda or (x.device.type == "cpu" and triton_interpreted()):
+            return None
+        return RuntimeError(
+            f"{caller}: backend 'triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
+            f"set before triton is imported), got a tensor on {x.device}")
+
+    def picked_by_auto(self, x: torch.Tensor) -> bool:
+        return _TRITON_INSTALLED and x.is_cuda and x.dtype in self.dtypes
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    summary = "the compiled CUDA kernels of csrc/ (or their host emulation, on CPU tensors)"
+    devices = "CUDA tensors"
+    dtypes = KERNEL_DTYPES
+    implementation = "acnorm_fused.backends.cuda:BACKEND"
+
+    def is_available(self) -> bool:
+        module = cuda_extension()
+        return module is not None and (torch.cuda.is_available() or module.emulated)
+
+    def refusal(self, x: torch.Tensor, caller: str) -> Exception | None:
+        module = cuda_extension()
+        if module is None:
+            return RuntimeError(
+                f"{caller}: backend 'cuda' needs the compiled extension acnorm_fused._cuda, which this "
+                f"installation lacks ({_load_cuda_extension()[1]}); install a wheel built for CUDA, or "
+                "build from source with nvcc present: ACNORM_BUILD_CUDA=1 pip install .")
+        if x.dtype not in self.dtypes:
+            return TypeError(
+                f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
+                f"{x.dtype}; use backend='torch' for it")
+        if module.emulated:
+            # A build of the kernels for the host emulator (tests without a GPU).
+            if x.device.type != "cpu":
+                return RuntimeError(f"{caller}: this acnorm_fused._cuda is the host emulation and runs CPU "
+                                    f"tensors, got a tensor on {x.device}")
+        elif not x.is_cuda:
+            return RuntimeError(f"{caller}: backend 'cuda' runs CUDA tensors, got a tensor on {x.device}")
+        return None
+
+    def picked_by_auto(self, x: torch.Tensor) -> bool:
+        module = cuda_extension()
+        return module is not None and not module.emulated and x.is_cuda and x.dtype in self.dtypes
+
+
+REGISTRY: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), TorchBackend(), TritonBackend(),
+                                                     CudaBackend())}
+# The backends "auto" asks, fastest first; torch takes whatever the others leave.
+AUTO_ORDER = (REGISTRY["cuda"], REGISTRY["triton"], REGISTRY["torch"])
+BACKENDS = ("auto", *REGISTRY)
+
+
 def available_backends() -> list[str]:
     """Names of the backends that can run on this installation and machine."""
-    names = ["reference", "torch"]
-    if _triton_usable():
-        names.append("triton")
-    module = cuda_extension()
-    if module is not None and (torch.cuda.is_available() or module.emulated):
-        names.append("cuda")
-    return names
-
-
-def _check_triton_input(x: torch.Tensor, caller: str) -> None:
-    """Raise a clear error for an input the triton backend cannot run."""
-    if not _TRITON_INSTALLED:
-        raise RuntimeError(
-            f"{caller}: backend 'triton' needs the triton package (pip install 'acnorm-fused[triton]')"
-        )
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
-            f"{x.dtype}; use backend='torch' for it"
-        )
-    if x.is_cuda or (x.device.type == "cpu" and triton_interpreted()):
-        return
-    raise RuntimeError(
-        f"{caller}: backend 'triton' runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 "
-        f"set before triton is imported), got a tensor on {x.device}"
-    )
-
-
-def _check_cuda_input(x: torch.Tensor, caller: str) -> None:
-    """Raise a clear error for an input the cuda backend cannot run."""
-    if cuda_extension() is None:
-        raise RuntimeError(
-            f"{caller}: backend 'cuda' needs the compiled extension acnorm_fused._cuda, which this "
-            f"installation lacks ({_load_cuda_extension()[1]}); install a wheel built for CUDA, or "
-            "build from source with nvcc present: ACNORM_BUILD_CUDA=1 pip install ."
-        )
-    if x.dtype not in KERNEL_DTYPES:
-        raise TypeError(
-            f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
-            f"{x.dtype}; use backend='torch' for it"
-        )
-    if cuda_extension().emulated:
-        # A build of the kernels for the host emulator (tests without a GPU).
-        if x.device.type != "cpu":
-            raise RuntimeError(f"{caller}: this acnorm_fused._cuda is the host emulation and runs CPU "
-                               f"tensors, got a tensor on {x.device}")
-    elif not x.is_cuda:
-        raise RuntimeError(f"{caller}: backend 'cuda' runs CUDA tensors, got a tensor on {x.device}")
+    return [name for name, backend in REGISTRY.items() if backend.is_available()]
 
 
 def validate_backend_name(name: str, caller: str) -> None:
@@ -165,26 +232,13 @@ def resolve_backend(name: str, x: torch.Tensor, caller: str) -> str:
             validate_backend_name(override, f"{caller} ({BACKEND_ENV})")
             name = override
     if name == "auto":
-        if x.is_cuda and x.dtype in KERNEL_DTYPES:
-            if cuda_extension() is not None and not cuda_extension().emulated:
-                return "cuda"
-            if _TRITON_INSTALLED:
-                return "triton"
-        return "torch"
-    if name == "triton":
-        _check_triton_input(x, caller)
-    elif name == "cuda":
-        _check_cuda_input(x, caller)
-    elif name not in available_backends():
-        raise RuntimeError(
-            f"{caller}: backend {name!r} is not available in this installation "
-            f"(available: {', '.join(available_backends())})"
-        )
+        return next(backend.name for backend in AUTO_ORDER if backend.picked_by_auto(x))
+    error = REGISTRY[name].refusal(x, caller)
+    if error is not None:
+        raise error
     return name
 
 
-@functools.cache
-def fused_backend(name: str) -> ModuleType:
-    """The module that implements fused backend ``name`` (imported on first use;
-    every eager call asks for it twice, so the answer is kept)."""
-    return importlib.import_module(_FUSED_MODULES[name])
+def fused_backend(name: str):
+    """The object that implements fused backend ``name`` (imported on first use)."""
+    return REGISTRY[name].contract

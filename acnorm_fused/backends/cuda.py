@@ -54,7 +54,7 @@ def module_geometry(module, geo: Geometry):
     """The compiled module's copy of a launch geometry (built once per input shape)."""
     return module.Geometry(
         planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
-        s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.split_s, r_chunk=geo.r_chunk,
+        s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.row_splits, r_chunk=geo.r_chunk,
         block_c=geo.block_c)
 
 
@@ -127,4 +127,4 @@ class CudaKernels:
 
 
 # aux_like, forward, backward, ...: the contract of backends/pytorch.py.
-globals().update(MultiPassBackend(CudaKernels()).contract())
+BACKEND = MultiPassBackend(CudaKernels())

@@ -58,7 +58,7 @@ def _num_warps(tile: int) -> int:
     return max(1, min(8, tile // (32 * 8)))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Geometry:
     """Sizes of the input and the launch configuration of every pass over it."""
 
@@ -67,16 +67,17 @@ class Geometry:
     c: int  # channels
     s: int  # spatial positions per sample
     # Reduction passes: (C, split_s, split_n) programs for planar inputs, each
-    # covering n_chunk samples and s_chunk positions; (c_blocks, splits)
+    # covering n_chunk samples and s_chunk positions; (c_blocks, row_splits)
     # programs for interleaved inputs, each covering r_chunk rows.
     block: int  # planar: elements per step
     block_r: int  # interleaved: rows per step
     block_c: int  # interleaved: channels per step
-    split_s: int
-    split_n: int
-    s_chunk: int
-    n_chunk: int
-    r_chunk: int
+    split_s: int  # planar (1 when interleaved)
+    split_n: int  # planar (1 when interleaved)
+    s_chunk: int  # planar (0 when interleaved)
+    n_chunk: int  # planar (0 when interleaved)
+    row_splits: int  # interleaved (1 when planar)
+    r_chunk: int  # interleaved (0 when planar)
     num_warps: int  # of the elementwise passes
 
     # The reduction passes keep three fp32 accumulators per element of their
@@ -109,7 +110,7 @@ class Geometry:
     @property
     def splits(self) -> int:
         """Partial results per channel of a reduction pass."""
-        return self.split_s * self.split_n
+        return self.split_s * self.split_n if self.planar else self.row_splits
 
     @property
     def c_blocks(self) -> int:
@@ -118,7 +119,7 @@ class Geometry:
     def reduce_grid(self) -> tuple[int, ...]:
         if self.planar:
             return (self.c, self.split_s, self.split_n)
-        return (self.c_blocks, self.split_s)
+        return (self.c_blocks, self.row_splits)
 
     def elementwise_grid(self) -> tuple[int]:
         if self.planar:
@@ -159,8 +160,9 @@ def _geometry(n: int, c: int, s: int, planar: bool, workers: int) -> Geometry:
         split_n = min(n, _cdiv(per_channel, split_s))
         n_chunk = _cdiv(n, split_n)
         split_n = _cdiv(n, n_chunk)
-        return Geometry(True, n, c, s, block, 1, 1, split_s, split_n, s_chunk, n_chunk, 0,
-                        _num_warps(block))
+        return Geometry(planar=True, n=n, c=c, s=s, block=block, block_r=1, block_c=1, split_s=split_s,
+                        split_n=split_n, s_chunk=s_chunk, n_chunk=n_chunk, row_splits=1, r_chunk=0,
+                        num_warps=_num_warps(block))
     rows = n * s
     block_c = min(_next_pow2(c), 64)
     block_r = max(1, min(_TILE // block_c, _next_pow2(rows)))
@@ -169,5 +171,6 @@ def _geometry(n: int, c: int, s: int, planar: bool, workers: int) -> Geometry:
     splits = min(per_block, r_blocks)
     r_chunk = _cdiv(r_blocks, splits) * block_r
     splits = max(1, _cdiv(rows, r_chunk))
-    return Geometry(False, n, c, s, 1, block_r, block_c, splits, 1, 0, 0, r_chunk,
-                    _num_warps(block_r * block_c))
+    return Geometry(planar=False, n=n, c=c, s=s, block=1, block_r=block_r, block_c=block_c, split_s=1,
+                    split_n=1, s_chunk=0, n_chunk=0, row_splits=splits, r_chunk=r_chunk,
+                    num_warps=_num_warps(block_r * block_c))

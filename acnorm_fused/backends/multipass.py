@@ -297,8 +297,3 @@ class MultiPassBackend:
             geometry(x), _grad_like_x(grad_out, x), x, invstd, aux,
             local_sums[:, :, None].contiguous(), global_sums.contiguous(), count, True,
             temperature, activation, negative_slope)
-
-    def contract(self) -> dict:
-        """The functions of :data:`CONTRACT`, bound to this backend, for a
-        backend module's namespace."""
-        return {name: getattr(self, name) for name in CONTRACT}

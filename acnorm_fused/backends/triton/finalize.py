@@ -108,10 +108,10 @@ def finalise_forward_kernel(
                                             BLOCK_CH, BLOCK_J)
     w_eff = gamma_t
     b_eff = beta_t
-    bad_gamma_s = 0
-    bad_beta_s = 0
-    bad_gamma_t = 0
-    bad_beta_t = 0
+    bad_gamma_s = tl.zeros([BLOCK_J], tl.int32)
+    bad_beta_s = tl.zeros([BLOCK_J], tl.int32)
+    bad_gamma_t = tl.zeros([BLOCK_J], tl.int32)
+    bad_beta_t = tl.zeros([BLOCK_J], tl.int32)
     for j in range(0, C, BLOCK_J):
         cols = j + tl.arange(0, BLOCK_J)
         col_mask = cols < C
@@ -125,18 +125,20 @@ def finalise_forward_kernel(
         beta_cols = tl.load(beta_t_ptr + cols, mask=col_mask, other=0.0)
         w_eff += tl.sum(s * gamma_cols[None, :], axis=1)
         b_eff += tl.sum(s * beta_cols[None, :], axis=1)
-        if STATUS:
-            bad_gamma_s = tl.maximum(bad_gamma_s, tl.max(_non_finite(gamma_s_cols), axis=0))
-            bad_beta_s = tl.maximum(bad_beta_s, tl.max(_non_finite(beta_s_cols), axis=0))
-            bad_gamma_t = tl.maximum(bad_gamma_t, tl.max(_non_finite(gamma_cols), axis=0))
-            bad_beta_t = tl.maximum(bad_beta_t, tl.max(_non_finite(beta_cols), axis=0))
+        if STATUS:  # masked-out columns loaded finite values
+            bad_gamma_s = tl.maximum(bad_gamma_s, _non_finite(gamma_s_cols))
+            bad_beta_s = tl.maximum(bad_beta_s, _non_finite(beta_s_cols))
+            bad_gamma_t = tl.maximum(bad_gamma_t, _non_finite(gamma_cols))
+            bad_beta_t = tl.maximum(bad_beta_t, _non_finite(beta_cols))
     update_mask = channel_mask
     if STATUS:
-        status = (bad_gamma_s * NON_FINITE_GAMMA_S + bad_beta_s * NON_FINITE_BETA_S
-                  + bad_gamma_t * NON_FINITE_GAMMA_T + bad_beta_t * NON_FINITE_BETA_T)
-        tl.store(status_ptr, status, mask=tl.program_id(0) == 0)
+        status = (tl.max(bad_gamma_s, axis=0) * NON_FINITE_GAMMA_S + tl.max(bad_beta_s, axis=0) * NON_FINITE_BETA_S
+                  + tl.max(bad_gamma_t, axis=0) * NON_FINITE_GAMMA_T
+                  + tl.max(bad_beta_t, axis=0) * NON_FINITE_BETA_T)
+        if tl.program_id(0) == 0:
+            tl.store(status_ptr, status)
         # A refused call leaves the running statistics as they were.
-        update_mask = channel_mask & (status == 0)
+        update_mask = channel_mask & ((status + tl.zeros([BLOCK_CH], tl.int32)) == 0)
     if UPDATE_RUNNING:
         old_mean = tl.load(running_mean_ptr + channels, mask=channel_mask).to(tl.float32)
         old_var = tl.load(running_var_ptr + channels, mask=channel_mask).to(tl.float32)
