@@ -80,7 +80,7 @@ class PassKernels(Protocol):
         """``(I + S)^T [dW; dB]`` into ``grad_target``."""
 
 
-def _on_device(x: Tensor):
+def on_device(x: Tensor):
     """Allocate and launch on ``x``'s GPU, whichever device is current."""
     if x.is_cuda and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
@@ -142,7 +142,7 @@ class MultiPassBackend:
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The forward with given ``(centre, mean_rel or None, var)``: finalise, then apply."""
         geo = geometry(x)
-        with _on_device(x):
+        with on_device(x):
             stats = self._finalise_forward(geo, x, affines, None, given, count, running_mean,
                                            running_var, momentum, eps, temperature)
             return (self._apply_pass(geo, x, stats[-1], activation, negative_slope), *stats)
@@ -166,7 +166,7 @@ class MultiPassBackend:
             return self._forward_given(x, affines, (running_mean, None, running_var), 1.0, None, None,
                                        momentum, eps, temperature, activation, negative_slope)
         geo = geometry(x)
-        with _on_device(x):
+        with on_device(x):
             partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
             self.kernels.reduce(geo, x, None, partials, partials, activation, negative_slope)
             stats = self._finalise_forward(geo, x, affines, partials, None, float(geo.count),
@@ -181,7 +181,7 @@ class MultiPassBackend:
         moments = x.new_zeros((MOMENT_ROWS, geo.c), dtype=torch.float32)
         if not x.numel():
             return moments
-        with _on_device(x):
+        with on_device(x):
             partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
             self.kernels.reduce(geo, x, None, partials, partials, "", 0.0)
         # The splits' moments share the centre: merge them with a zero centre.
@@ -220,7 +220,7 @@ class MultiPassBackend:
         shape = (2, geo.c, geo.splits)
         if not x.numel():
             return x.new_zeros(shape, dtype=torch.float32)
-        with _on_device(x):
+        with on_device(x):
             # The pass writes every partial: no zero fill (a launch of its own).
             partials = x.new_empty(shape, dtype=torch.float32)
             self.kernels.reduce(geo, x, grad_out, partials, aux, activation, negative_slope)
@@ -233,7 +233,7 @@ class MultiPassBackend:
     ) -> tuple[Tensor, Tensor]:
         """The backward after the reduction pass: finalise, ``(I + S)^T`` and dx."""
         f32 = torch.float32
-        with _on_device(x):
+        with on_device(x):
             grad_x = torch.empty_like(x)
             grad_affine = x.new_empty((2, geo.c), dtype=f32)
             coef = x.new_empty((2, geo.c), dtype=f32)

@@ -42,6 +42,7 @@ from torch.autograd.function import once_differentiable
 from .._checks import raise_for_status
 from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
 from .geometry import Geometry, geometry
+from .multipass import on_device
 
 __all__ = ["KERNEL_BACKEND_NAMES", "LaunchPlan", "PlannedStep", "plan_covers"]
 
@@ -231,7 +232,8 @@ class _CudaLaunches:
 
 
 class _TritonLaunches:
-    """A plan's passes as launches of the Triton kernels, on views of the scratch."""
+    """A plan's passes as launches of the Triton kernels, on views of the scratch.
+    Triton launches on the current device: the passes make x's device current."""
 
     def __init__(self, plan: LaunchPlan):
         from .triton import TritonKernels
@@ -240,6 +242,15 @@ class _TritonLaunches:
         self.plan = plan
 
     def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+        with on_device(x):
+            self._forward(x, out, scratch, tensors)
+
+    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
+                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+        with on_device(x):
+            return self._backward(grad_out, x, grad_x, fwd, bwd)
+
+    def _forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
         plan, kernels = self.plan, self.kernels
         geo = plan.geo
         partials, mean, invstd, aux = plan.layout.forward_views(scratch, geo.c)
@@ -257,8 +268,8 @@ class _TritonLaunches:
             plan.momentum, plan.eps, plan.temperature, plan.status.word)
         kernels.elementwise(geo, x, None, out, aux, aux, act, slope)
 
-    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
-                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+    def _backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
+                  bwd: Tensor) -> tuple[Tensor, Tensor]:
         plan, kernels = self.plan, self.kernels
         geo = plan.geo
         _, _, invstd, aux = plan.layout.forward_views(fwd, geo.c)
