@@ -37,6 +37,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from . import benchmark
+from .backends.config import StepConfig
 
 # The GPU the launch heuristics are sized for in the audit: an H100 SXM.
 MULTIPROCESSORS = 132
@@ -168,14 +169,13 @@ def _as_is(step: str, inputs: list[torch.Tensor], fn: Callable):
 def run_steps(backend, x, affines, running, activation: str, around: Callable = _as_is) -> None:
     """A training forward and backward, and an eval forward, through ``backend``;
     each step runs as ``around(step name, its large inputs, the call)``."""
-    slope = 0.01
-    forward = around("forward", [x], lambda: backend.forward(
-        x, affines, *running, True, 0.19, 1e-5, 1.0, activation, slope))
+    train = StepConfig(True, 0.19, 1e-5, 1.0, activation, 0.01)
+    evaluate = StepConfig(False, 0.19, 1e-5, 1.0, activation, 0.01)
+    forward = around("forward", [x], lambda: backend.forward(x, affines, *running, train))
     _, mean, invstd, _, _, aux = forward
     grad = torch.randn_like(forward[0])
-    around("backward", [x, grad], lambda: backend.backward(
-        grad, x, None, None, None, None, mean, invstd, aux, True, 1e-5, 1.0, activation, slope))
-    around("eval", [x], lambda: backend.forward(x, affines, *running, False, 0.19, 1e-5, 1.0, activation, slope))
+    around("backward", [x, grad], lambda: backend.backward(grad, x, mean, invstd, aux, train))
+    around("eval", [x], lambda: backend.forward(x, affines, *running, evaluate))
 
 
 def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch]:

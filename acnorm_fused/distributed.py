@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ._checks import check_finite_affines, check_hyperparameters, check_input
 from .backends import fused_backend, resolve_backend
+from .backends.config import StepConfig
 from .correlation import as_dtype, stack_affines
 from .functional import _dense_layout, effective_momentum
 from .modules import ACNorm
@@ -63,25 +64,24 @@ class _SyncACNormFunction(torch.autograd.Function):
                 f"{caller}: expected more than 1 value per channel over all processes when "
                 f"training, got {int(total)} (input of shape {tuple(x.shape)} on this one)"
             )
+        config = StepConfig(True, momentum, eps, temperature, activation, negative_slope)
         out, mean, invstd, new_mean, new_var, aux = backend.forward_with_statistics(
-            x, affines, centre, mean_rel, m2 / total, total, running_mean, running_var,
-            momentum, eps, temperature, activation, negative_slope,
+            x, affines, centre, mean_rel, m2 / total, total, running_mean, running_var, config,
         )
         ctx.save_for_backward(x, mean, invstd, aux)
-        ctx.config = (backend, group, total, temperature, activation, negative_slope, weight_target.dtype)
+        ctx.config = (backend, group, total, config, weight_target.dtype)
         ctx.mark_non_differentiable(new_mean, new_var)
         return out, new_mean, new_var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_new_mean, _grad_new_var):
         x, mean, invstd, aux = ctx.saved_tensors
-        backend, group, total, temperature, activation, negative_slope, param_dtype = ctx.config
-        local_sums = backend.grad_sums(grad_out, x, mean, invstd, aux, activation, negative_slope)
+        backend, group, total, config, param_dtype = ctx.config
+        local_sums = backend.grad_sums(grad_out, x, mean, invstd, aux, config)
         global_sums = local_sums.clone()
         dist.all_reduce(global_sums, group=group)
         grad_x, grad_target = backend.backward_with_sums(
-            grad_out, x, mean, invstd, aux, local_sums, global_sums, total,
-            temperature, activation, negative_slope,
+            grad_out, x, mean, invstd, aux, local_sums, global_sums, total, config,
         )
         grad_target = as_dtype(grad_target, param_dtype)
         needs = ctx.needs_input_grad
@@ -89,7 +89,7 @@ class _SyncACNormFunction(torch.autograd.Function):
             grad_x if needs[0] else None,
             grad_target[0] if needs[1] else None,
             grad_target[1] if needs[2] else None,
-        ) + (None,) * 11
+        ) + (None,) * (len(needs) - 3)
 
 
 def sync_ac_norm(

@@ -5,7 +5,10 @@ registrations, and the eager autograd Function that shares their code.
 ops (they mutate nothing): the forward returns the updated running statistics
 and :func:`acnorm_fused.functional.ac_norm` writes them into the buffers. That
 keeps them valid for ``torch.compile``, ``torch.export``, ``opcheck`` and
-autograd, whichever fused backend runs underneath.
+autograd, whichever fused backend runs underneath: torch registers no
+autograd formula for an operator that declares a mutation ("Cannot register
+autograd formula for non-functional operator", torch 2.13), so the in-place
+update is the eager launch plans' (:mod:`acnorm_fused.backends.plan`) alone.
 
 Going through the dispatcher costs a few hundred microseconds of Python per
 training step, as much as the whole step of a small layer on a CPU, so eager
@@ -23,6 +26,7 @@ from torch import Tensor
 
 from ._checks import check_finite_affines
 from .backends import fused_backend
+from .backends.config import StepConfig
 from .correlation import as_dtype, compute_dtype, stack_affines
 
 _LIB = "acnorm_fused"
@@ -53,23 +57,18 @@ def _forward_impl(
     """
     affines = stack_affines(weight, bias, weight_target, bias_target)
     check_finite_affines(caller, affines)
-    return fused_backend(backend).forward(
-        x, affines, running_mean, running_var,
-        use_batch_stats, momentum, eps, temperature, activation, negative_slope,
-    )
+    config = StepConfig(use_batch_stats, momentum, eps, temperature, activation, negative_slope)
+    return fused_backend(backend).forward(x, affines, running_mean, running_var, config)
 
 
 def _backward_impl(
     grad_out: Tensor,
     x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    weight_target: Tensor,
-    bias_target: Tensor,
     mean: Tensor,
     invstd: Tensor,
     aux: Tensor,
     use_batch_stats: bool,
+    momentum: float,
     eps: float,
     temperature: float,
     activation: str,
@@ -78,10 +77,8 @@ def _backward_impl(
 ) -> tuple[Tensor, Tensor]:
     """Backward of AC-Norm: ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of
     the gradients of ``weight_target`` and ``bias_target`` in the compute dtype."""
-    return fused_backend(backend).backward(
-        grad_out, x, weight, bias, weight_target, bias_target, mean, invstd, aux,
-        use_batch_stats, eps, temperature, activation, negative_slope,
-    )
+    config = StepConfig(use_batch_stats, momentum, eps, temperature, activation, negative_slope)
+    return fused_backend(backend).backward(grad_out, x, mean, invstd, aux, config)
 
 
 ac_norm_fwd = torch.library.custom_op(f"{_LIB}::ac_norm_fwd", mutates_args=())(_forward_impl)
@@ -105,17 +102,22 @@ def _(x, weight, bias, weight_target, bias_target, running_mean, running_var,
 
 
 @ac_norm_bwd.register_fake
-def _(grad_out, x, weight, bias, weight_target, bias_target, mean, invstd, aux,
-      use_batch_stats, eps, temperature, activation, negative_slope, backend):
-    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=compute_dtype(weight.dtype))
+def _(grad_out, x, mean, invstd, aux, use_batch_stats, momentum, eps, temperature, activation,
+      negative_slope, backend):
+    return torch.empty_like(x), x.new_empty((2, x.shape[1]), dtype=mean.dtype)
+
+
+# Inputs of ac_norm_fwd that carry gradient: x, weight_target, bias_target.
+_X, _WEIGHT_TARGET, _BIAS_TARGET = 0, 3, 4
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    (x, weight, bias, weight_target, bias_target, _rm, _rv, use_batch_stats, _momentum,
-     eps, temperature, activation, negative_slope, backend, _caller) = inputs
+    (x, _w, _b, weight_target, _bt, _rm, _rv, *scalars, backend, _caller) = inputs
     _out, mean, invstd, new_mean, new_var, aux = output
-    ctx.save_for_backward(x, weight, bias, weight_target, bias_target, mean, invstd, aux)
-    ctx.config = (use_batch_stats, eps, temperature, activation, negative_slope, backend)
+    # What the backward reads: the backends keep all they need of the affines in aux.
+    ctx.save_for_backward(x, mean, invstd, aux)
+    ctx.config = (*scalars, backend)
+    ctx.param_dtype = weight_target.dtype
     # Only ``out`` carries gradient; the rest are statistics and saved state.
     ctx.mark_non_differentiable(mean, invstd, new_mean, new_var, aux)
     ctx.set_materialize_grads(False)
@@ -125,19 +127,17 @@ def _backward_through(backward_op: Callable[..., tuple[Tensor, Tensor]]):
     """The autograd formula, running the backward kernels through ``backward_op``."""
 
     def backward(ctx, grad_out, *_grads_of_saved_outputs):
+        no_grads = (None,) * len(ctx.needs_input_grad)
         if grad_out is None:
-            return (None,) * 15
-        saved = ctx.saved_tensors
-        grad_x, grad_target = backward_op(grad_out, *saved, *ctx.config)
-        grad_target = as_dtype(grad_target, saved[3].dtype)
+            return no_grads
+        grad_x, grad_target = backward_op(grad_out, *ctx.saved_tensors, *ctx.config)
+        grad_target = as_dtype(grad_target, ctx.param_dtype)
         needs = ctx.needs_input_grad
-        return (
-            grad_x if needs[0] else None,
-            None,
-            None,
-            grad_target[0] if needs[3] else None,
-            grad_target[1] if needs[4] else None,
-        ) + (None,) * 10
+        grads = list(no_grads)
+        grads[_X] = grad_x if needs[_X] else None
+        grads[_WEIGHT_TARGET] = grad_target[0] if needs[_WEIGHT_TARGET] else None
+        grads[_BIAS_TARGET] = grad_target[1] if needs[_BIAS_TARGET] else None
+        return tuple(grads)
 
     return backward
 

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..statistics import MOMENT_ROWS, merge_moments
 from .abi import AUX_ROWS
+from .config import StepConfig
 from .geometry import Geometry, geometry
 
 # The functions every fused backend module provides (see backends/pytorch.py).
@@ -109,8 +110,7 @@ class MultiPassBackend:
     def _finalise_forward(
         self, geo: Geometry, x: Tensor, affines: Tensor, partials: Tensor | None,
         given: tuple[Tensor, Tensor | None, Tensor] | None, count: float,
-        running_mean: Tensor | None, running_var: Tensor | None,
-        momentum: float, eps: float, temperature: float,
+        running_mean: Tensor | None, running_var: Tensor | None, config: StepConfig,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(mean, invstd, new_mean, new_var, aux)`` from partials or given statistics."""
         channels = geo.c
@@ -124,28 +124,27 @@ class MultiPassBackend:
             self.aux_like(affines[0]),
         )
         self.kernels.finalise_forward(geo, x, affines.to(f32).contiguous().unbind(0), partials, given, count,
-                                      running_mean, running_var, outputs, momentum, eps, temperature)
+                                      running_mean, running_var, outputs, config.momentum, config.eps,
+                                      config.temperature)
         return outputs
 
-    def _apply_pass(self, geo: Geometry, x: Tensor, aux: Tensor, activation: str,
-                    negative_slope: float) -> Tensor:
+    def _apply_pass(self, geo: Geometry, x: Tensor, aux: Tensor, config: StepConfig) -> Tensor:
         """The forward's output: ``act((x - mean) * scale + B)`` in x's layout."""
         out = torch.empty_like(x)
         if x.numel():
-            self.kernels.elementwise(geo, x, None, out, aux, aux, activation, negative_slope)
+            self.kernels.elementwise(geo, x, None, out, aux, aux, config.activation, config.negative_slope)
         return out
 
     def _forward_given(
         self, x: Tensor, affines: Tensor, given: tuple[Tensor, Tensor | None, Tensor], count: float,
-        running_mean: Tensor | None, running_var: Tensor | None, momentum: float, eps: float,
-        temperature: float, activation: str, negative_slope: float,
+        running_mean: Tensor | None, running_var: Tensor | None, config: StepConfig,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The forward with given ``(centre, mean_rel or None, var)``: finalise, then apply."""
         geo = geometry(x)
         with on_device(x):
             stats = self._finalise_forward(geo, x, affines, None, given, count, running_mean,
-                                           running_var, momentum, eps, temperature)
-            return (self._apply_pass(geo, x, stats[-1], activation, negative_slope), *stats)
+                                           running_var, config)
+            return (self._apply_pass(geo, x, stats[-1], config), *stats)
 
     def forward(
         self,
@@ -153,25 +152,19 @@ class MultiPassBackend:
         affines: Tensor,
         running_mean: Tensor | None,
         running_var: Tensor | None,
-        use_batch_stats: bool,
-        momentum: float,
-        eps: float,
-        temperature: float,
-        activation: str,
-        negative_slope: float,
+        config: StepConfig,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """Returns ``(out, mean, invstd, new_running_mean, new_running_var, aux)``; the
         running statistics are not modified (see :func:`.pytorch.forward`)."""
-        if not use_batch_stats:
-            return self._forward_given(x, affines, (running_mean, None, running_var), 1.0, None, None,
-                                       momentum, eps, temperature, activation, negative_slope)
+        if not config.use_batch_stats:
+            return self._forward_given(x, affines, (running_mean, None, running_var), 1.0, None, None, config)
         geo = geometry(x)
         with on_device(x):
             partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
-            self.kernels.reduce(geo, x, None, partials, partials, activation, negative_slope)
+            self.kernels.reduce(geo, x, None, partials, partials, config.activation, config.negative_slope)
             stats = self._finalise_forward(geo, x, affines, partials, None, float(geo.count),
-                                           running_mean, running_var, momentum, eps, temperature)
-            return (self._apply_pass(geo, x, stats[-1], activation, negative_slope), *stats)
+                                           running_mean, running_var, config)
+            return (self._apply_pass(geo, x, stats[-1], config), *stats)
 
     def local_statistics(self, x: Tensor) -> Tensor:
         """Moments of this process's batch, ``(4, C)`` fp32, rows as
@@ -203,19 +196,14 @@ class MultiPassBackend:
         count: float,
         running_mean: Tensor | None,
         running_var: Tensor | None,
-        momentum: float,
-        eps: float,
-        temperature: float,
-        activation: str,
-        negative_slope: float,
+        config: StepConfig,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """The training forward with statistics computed elsewhere (see
         :func:`.pytorch.forward_with_statistics`)."""
-        return self._forward_given(x, affines, (centre, mean_rel, var), count, running_mean, running_var,
-                                   momentum, eps, temperature, activation, negative_slope)
+        return self._forward_given(x, affines, (centre, mean_rel, var), count, running_mean, running_var, config)
 
     def _grad_partials(self, geo: Geometry, grad_out: Tensor, x: Tensor, aux: Tensor,
-                       activation: str, negative_slope: float) -> Tensor:
+                       config: StepConfig) -> Tensor:
         """The ``(2, C, splits)`` partial sums of ``dy`` and ``dy * (x - mean)``."""
         shape = (2, geo.c, geo.splits)
         if not x.numel():
@@ -223,13 +211,12 @@ class MultiPassBackend:
         with on_device(x):
             # The pass writes every partial: no zero fill (a launch of its own).
             partials = x.new_empty(shape, dtype=torch.float32)
-            self.kernels.reduce(geo, x, grad_out, partials, aux, activation, negative_slope)
+            self.kernels.reduce(geo, x, grad_out, partials, aux, config.activation, config.negative_slope)
         return partials
 
     def _backward_from_partials(
         self, geo: Geometry, grad_out: Tensor, x: Tensor, invstd: Tensor, aux: Tensor,
-        partials: Tensor, global_sums: Tensor | None, count: float, use_batch_stats: bool,
-        temperature: float, activation: str, negative_slope: float,
+        partials: Tensor, global_sums: Tensor | None, count: float, config: StepConfig,
     ) -> tuple[Tensor, Tensor]:
         """The backward after the reduction pass: finalise, ``(I + S)^T`` and dx."""
         f32 = torch.float32
@@ -239,43 +226,34 @@ class MultiPassBackend:
             coef = x.new_empty((2, geo.c), dtype=f32)
             grad_target = x.new_empty((2, geo.c), dtype=f32)
             self.kernels.finalise_backward(partials, global_sums, invstd, aux, grad_affine, coef,
-                                           count, use_batch_stats)
-            self.kernels.target_grad(aux, grad_affine, grad_target, temperature)
+                                           count, config.use_batch_stats)
+            self.kernels.target_grad(aux, grad_affine, grad_target, config.temperature)
             if x.numel():
-                self.kernels.elementwise(geo, x, grad_out, grad_x, aux, coef, activation, negative_slope)
+                self.kernels.elementwise(geo, x, grad_out, grad_x, aux, coef, config.activation,
+                                         config.negative_slope)
         return grad_x, grad_target
 
     def backward(
         self,
         grad_out: Tensor,
         x: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        weight_target: Tensor,
-        bias_target: Tensor,
         mean: Tensor,
         invstd: Tensor,
         aux: Tensor,
-        use_batch_stats: bool,
-        eps: float,
-        temperature: float,
-        activation: str,
-        negative_slope: float,
+        config: StepConfig,
     ) -> tuple[Tensor, Tensor]:
-        """Returns ``(grad_x, grad_target)`` (see :func:`.pytorch.backward`); the affine
-        parameters are not read: ``aux`` holds all this backend needs of them."""
+        """Returns ``(grad_x, grad_target)`` (see :func:`.pytorch.backward`); ``aux``
+        holds all this backend needs of the affine parameters."""
         geo = geometry(x)
         grad_out = _grad_like_x(grad_out, x)
-        partials = self._grad_partials(geo, grad_out, x, aux, activation, negative_slope)
+        partials = self._grad_partials(geo, grad_out, x, aux, config)
         return self._backward_from_partials(geo, grad_out, x, invstd, aux, partials, None,
-                                            float(geo.count), use_batch_stats, temperature,
-                                            activation, negative_slope)
+                                            float(geo.count), config)
 
     def grad_sums(self, grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
-                  activation: str, negative_slope: float) -> Tensor:
+                  config: StepConfig) -> Tensor:
         """This process's ``(2, C)`` sums of ``dy`` and ``dy * (x - mean)``."""
-        partials = self._grad_partials(geometry(x), _grad_like_x(grad_out, x), x, aux,
-                                       activation, negative_slope)
+        partials = self._grad_partials(geometry(x), _grad_like_x(grad_out, x), x, aux, config)
         return partials.sum(-1)
 
     def backward_with_sums(
@@ -288,12 +266,9 @@ class MultiPassBackend:
         local_sums: Tensor,
         global_sums: Tensor,
         count: float,
-        temperature: float,
-        activation: str,
-        negative_slope: float,
+        config: StepConfig,
     ) -> tuple[Tensor, Tensor]:
         """See :func:`.pytorch.backward_with_sums`."""
         return self._backward_from_partials(
             geometry(x), _grad_like_x(grad_out, x), x, invstd, aux,
-            local_sums[:, :, None].contiguous(), global_sums.contiguous(), count, True,
-            temperature, activation, negative_slope)
+            local_sums[:, :, None].contiguous(), global_sums.contiguous(), count, config)

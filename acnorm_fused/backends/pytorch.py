@@ -8,7 +8,8 @@ costs one BatchNorm plus a C x C step. It is the default on CPUs and the model
 the fused GPU backends follow.
 
 ``forward`` and ``backward`` are the implementations behind the custom ops in
-:mod:`acnorm_fused.ops`; they never run under autograd. ``affines`` are the
+:mod:`acnorm_fused.ops`; they never run under autograd. The call's settings
+arrive as one :class:`.config.StepConfig`. ``affines`` are the
 ``(4, C)`` rows of :func:`acnorm_fused.correlation.stack_affines`. The forward
 keeps ``S`` and the effective affine for the backward (``aux``, ``(C + 2, C)``):
 on a CPU each call on these tiny tensors costs more than its arithmetic, so
@@ -29,6 +30,7 @@ from torch import Tensor
 from ..correlation import as_dtype, compute_dtype, correlation_from_stack, recalibrate, recalibrate_grad
 from ..statistics import MOMENT_ROWS
 from .activation import activation_grad, apply_activation
+from .config import StepConfig
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -147,21 +149,18 @@ def forward(
     affines: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    use_batch_stats: bool,
-    momentum: float,
-    eps: float,
-    temperature: float,
-    activation: str,
-    negative_slope: float,
+    config: StepConfig,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns ``(out, mean, invstd, new_running_mean, new_running_var, aux)``.
 
-    ``momentum`` is the effective factor of one running-statistics update. The
-    running statistics are never modified: their updated values are returned
-    (empty tensors when there are none or when ``use_batch_stats`` is false).
+    ``config.momentum`` is the effective factor of one running-statistics
+    update. The running statistics are never modified: their updated values
+    are returned (empty tensors when there are none or when
+    ``config.use_batch_stats`` is false).
     """
+    use_batch_stats, momentum, eps = config.use_batch_stats, config.momentum, config.eps
     bn_dtype = compute_dtype(x.dtype)
-    aux, w, b = _effective_affine(affines, eps, temperature, bn_dtype)
+    aux, w, b = _effective_affine(affines, eps, config.temperature, bn_dtype)
     new_mean = new_var = None
     if use_batch_stats and _uses_own_reductions(x):
         out, mean, var, invstd = _train_forward_own_reductions(x, w, b, eps)
@@ -179,35 +178,27 @@ def forward(
     if new_mean is None:
         new_mean = x.new_empty((0,), dtype=bn_dtype)
         new_var = x.new_empty((0,), dtype=bn_dtype)
-    out = apply_activation(out, activation, negative_slope, inplace=True)
+    out = apply_activation(out, config.activation, config.negative_slope, inplace=True)
     return out, mean, invstd, new_mean, new_var, aux
 
 
 def backward(
     grad_out: Tensor,
     x: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    weight_target: Tensor,
-    bias_target: Tensor,
     mean: Tensor,
     invstd: Tensor,
     aux: Tensor,
-    use_batch_stats: bool,
-    eps: float,
-    temperature: float,
-    activation: str,
-    negative_slope: float,
+    config: StepConfig,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of the
-    gradients of ``weight_target`` and ``bias_target``. The affine parameters
-    are not read: ``aux`` holds all this backend needs of them."""
+    gradients of ``weight_target`` and ``bias_target``; ``aux`` holds all this
+    backend needs of the affine parameters."""
     s = aux[:-2]
     w = as_dtype(aux[-2], compute_dtype(x.dtype))
-    grad_out = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
-    if use_batch_stats:
+    grad_out = _through_activation(grad_out, x, mean, invstd, aux, config.activation, config.negative_slope)
+    if config.use_batch_stats:
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w, None, None, mean, invstd, True, eps, [True, True, True]
+            grad_out, x, w, None, None, mean, invstd, True, config.eps, [True, True, True]
         )
     else:
         sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
@@ -273,33 +264,29 @@ def forward_with_statistics(
     count: float,
     running_mean: Tensor | None,
     running_var: Tensor | None,
-    momentum: float,
-    eps: float,
-    temperature: float,
-    activation: str,
-    negative_slope: float,
+    config: StepConfig,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The training forward with batch statistics computed elsewhere (mean
     ``centre + mean_rel``, biased ``var`` over ``count`` values); returns as
     :func:`forward`, the running statistics moved when given."""
     bn_dtype = compute_dtype(x.dtype)
-    aux, w, b = _effective_affine(affines, eps, temperature, bn_dtype)
+    aux, w, b = _effective_affine(affines, config.eps, config.temperature, bn_dtype)
     mean = as_dtype(centre, bn_dtype) + as_dtype(mean_rel, bn_dtype)
     var = as_dtype(var, bn_dtype)
-    out, invstd = _normalise_with(x, w, b, mean, var, eps)
+    out, invstd = _normalise_with(x, w, b, mean, var, config.eps)
     if running_mean is not None:
-        new_mean, new_var = _moved_running_stats(running_mean, running_var, mean, var, count, momentum)
+        new_mean, new_var = _moved_running_stats(running_mean, running_var, mean, var, count, config.momentum)
     else:
         new_mean = new_var = x.new_empty((0,), dtype=bn_dtype)
-    out = apply_activation(out, activation, negative_slope, inplace=True)
+    out = apply_activation(out, config.activation, config.negative_slope, inplace=True)
     return out, mean, invstd, new_mean, new_var, aux
 
 
 def grad_sums(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
-              activation: str, negative_slope: float) -> Tensor:
+              config: StepConfig) -> Tensor:
     """This process's ``(2, C)`` rows ``sum(dy)``, ``sum(dy * (x - mean))``, with ``dy``
     taken through the activation."""
-    grad = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
+    grad = _through_activation(grad_out, x, mean, invstd, aux, config.activation, config.negative_slope)
     return torch.stack(_sums(grad, x, mean, compute_dtype(x.dtype)))
 
 
@@ -312,14 +299,12 @@ def backward_with_sums(
     local_sums: Tensor,
     global_sums: Tensor,
     count: float,
-    temperature: float,
-    activation: str,
-    negative_slope: float,
+    config: StepConfig,
 ) -> tuple[Tensor, Tensor]:
     """``(grad_x, grad_target)`` of the training forward whose statistics cover
     ``count`` values in all: dx from the sums over all of them
     (``global_sums``), the target-affine gradients from this process's."""
-    grad = _through_activation(grad_out, x, mean, invstd, aux, activation, negative_slope)
+    grad = _through_activation(grad_out, x, mean, invstd, aux, config.activation, config.negative_slope)
     w = as_dtype(aux[-2], compute_dtype(x.dtype))
     ndim = x.dim()
     mean_dy = _channel_view(global_sums[0] / count, ndim)
