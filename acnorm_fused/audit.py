@@ -190,7 +190,23 @@ def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch
     case = f"{'x'.join(map(str, shape))} {dtype} {layout} {activation or 'none'}"
     with recording(case, launches):
         run_steps(triton_backend, x, affines, running, activation)
+        _planned_finalise(triton_backend.kernels, x, affines, running)
     return launches
+
+
+def _planned_finalise(kernels, x: torch.Tensor, affines: torch.Tensor, running: tuple) -> None:
+    """The forward finalise as a launch plan runs it (acnorm_fused.backends.plan):
+    the affines checked into a status word, the running statistics moved in place."""
+    from .backends.abi import AUX_ROWS
+    from .backends.geometry import geometry
+
+    geo = geometry(x)
+    stats = [x.new_empty((geo.c,), dtype=torch.float32) for _ in range(2)]
+    aux = x.new_empty((AUX_ROWS, geo.c), dtype=torch.float32)
+    partials = x.new_empty((3, geo.c, geo.splits), dtype=torch.float32)
+    kernels.finalise_forward(geo, x, affines.unbind(0), partials, None, float(geo.count), *running,
+                             (*stats, *running, aux), 0.19, 1e-5, 1.0,
+                             x.new_empty((1,), dtype=torch.int32))
 
 
 def default_launches(dtypes: Sequence[str] = DTYPES, activations: Sequence[str] = ACTIVATIONS) -> list[Launch]:

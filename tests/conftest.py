@@ -180,3 +180,14 @@ def cuda_kernels(request, monkeypatch):
     module = request.getfixturevalue("emulated_cuda_module")
     monkeypatch.setattr(backends, "_load_cuda_extension", lambda: (module, ""))
     return module
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel_backend(request):
+    """A kernel backend, set up to run on this machine: on CUDA tensors with a
+    GPU; else Triton's interpreter and the host emulation of the CUDA kernels."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+    else:
+        request.getfixturevalue("cuda_kernels")
+    return request.param

@@ -34,14 +34,10 @@ LAYER_CLASSES = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNor
 CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-@pytest.fixture(params=["triton", "cuda"])
-def backend(request):
-    """The kernel backend under test, set up to run on this machine."""
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    else:
-        request.getfixturevalue("cuda_kernels")
-    return request.param
+@pytest.fixture
+def backend(kernel_backend):
+    """The kernel backend under test (see conftest.kernel_backend)."""
+    return kernel_backend
 
 
 def _use_small_tiles(monkeypatch) -> None:

@@ -30,13 +30,10 @@ CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 LAYER_CLASSES = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNorm3d}
 
 
-@pytest.fixture(params=["triton", "cuda"])
-def backend(request):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    else:
-        request.getfixturevalue("cuda_kernels")
-    return request.param
+@pytest.fixture
+def backend(kernel_backend):
+    """The kernel backend under test (see conftest.kernel_backend)."""
+    return kernel_backend
 
 
 def _plans(layer) -> dict:

@@ -23,6 +23,7 @@ from types import ModuleType
 
 import torch
 
+from .._checks import INPUT_DTYPES
 from .abi import check_module_abi
 
 BACKEND_ENV = "ACNORM_BACKEND"
@@ -105,6 +106,12 @@ class Backend:
         """Whether ``"auto"`` chooses it for ``x`` (asked in :data:`AUTO_ORDER`)."""
         return False
 
+    def _dtype_refusal(self, x: torch.Tensor, caller: str) -> TypeError:
+        # Only the kernel backends refuse dtypes: the torch backend runs them all.
+        return TypeError(
+            f"{caller}: backend {self.name!r} runs float32, float16 and bfloat16 inputs, got "
+            f"{x.dtype}; use backend='torch' for it")
+
     @functools.cached_property
     def contract(self):
         """The object whose functions implement the fused-backend contract."""
@@ -119,14 +126,14 @@ class ReferenceBackend(Backend):
     name = "reference"
     summary = "the authors' formulation (two BatchNorms and a sum), differentiated by autograd"
     devices = "any"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    dtypes = INPUT_DTYPES
 
 
 class TorchBackend(Backend):
     name = "torch"
     summary = "one ATen BatchNorm with the effective affine"
     devices = "any"
-    dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+    dtypes = INPUT_DTYPES
     implementation = "acnorm_fused.backends.pytorch"
 
     def picked_by_auto(self, x: torch.Tensor) -> bool:
@@ -148,9 +155,7 @@ class TritonBackend(Backend):
             return RuntimeError(
                 f"{caller}: backend 'triton' needs the triton package (pip install 'acnorm-fused[triton]')")
         if x.dtype not in self.dtypes:
-            return TypeError(
-                f"{caller}: backend 'triton' runs float32, float16 and bfloat16 inputs, got "
-                f"{x.dtype}; use backend='torch' for it")
+            return self._dtype_refusal(x, caller)
         if x.is_cuda or (x.device.type == "cpu" and triton_interpreted()):
             return None
         return RuntimeError(
@@ -180,9 +185,7 @@ class CudaBackend(Backend):
                 f"installation lacks ({_load_cuda_extension()[1]}); install a wheel built for CUDA, or "
                 "build from source with nvcc present: ACNORM_BUILD_CUDA=1 pip install .")
         if x.dtype not in self.dtypes:
-            return TypeError(
-                f"{caller}: backend 'cuda' runs float32, float16 and bfloat16 inputs, got "
-                f"{x.dtype}; use backend='torch' for it")
+            return self._dtype_refusal(x, caller)
         if module.emulated:
             # A build of the kernels for the host emulator (tests without a GPU).
             if x.device.type != "cpu":
