@@ -124,11 +124,9 @@ class KernelFacts:
 
 
 def _kernels() -> list:
-    from .backends.triton import elementwise, finalize, reduce
+    from .backends.triton import KERNELS
 
-    return [reduce.reduce_planar_kernel, reduce.reduce_interleaved_kernel,
-            elementwise.elementwise_planar_kernel, elementwise.elementwise_interleaved_kernel,
-            finalize.finalise_forward_kernel, finalize.finalise_backward_kernel, finalize.target_grad_kernel]
+    return list(KERNELS)
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import cProfile
 import io
+import os
 import pstats
 import statistics
 import time
@@ -167,6 +168,32 @@ def noop_cuda_launches(module=None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def noop_triton_launches() -> Iterator[None]:
+    """Within the block, ``backend="triton"`` runs on CPU tensors and its kernel
+    launches return at once, before Triton's own launcher binds their
+    arguments: the host's path up to the launches, without Triton's share."""
+    from .backends.triton import KERNELS
+
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # read per call: the triton backend then takes CPU tensors
+    for kernel in KERNELS:
+        kernel.run = _no_launch_kw
+    try:
+        yield
+    finally:
+        for kernel in KERNELS:
+            del kernel.run
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+def _no_launch_kw(*_args, **_kwargs) -> None:
+    return None
+
+
 def _per_step_counts(step: Callable[[], None], steps: int) -> tuple[int, int, int]:
     """``(python calls, aten ops, new storages)`` per step, over ``steps`` steps."""
     profiler = cProfile.Profile()
@@ -202,15 +229,15 @@ def step_costs(steps: dict[str, Callable[[], None]], rounds: int = 30, per_round
             for name, step in steps.items()}
 
 
-def cost_layers(channels: int, cuda: bool) -> dict[str, nn.Module]:
-    """``nn.BatchNorm3d`` and the fused layer of the ``torch`` (and, with
-    ``cuda``, the ``cuda``) backend, in the state of :func:`make_layers`."""
+def cost_layers(channels: int, cuda: bool, triton: bool = False) -> dict[str, nn.Module]:
+    """``nn.BatchNorm3d`` and the fused layer of the ``torch`` backend, and of
+    the ``cuda`` and ``triton`` backends when asked, in the state of :func:`make_layers`."""
     base = make_layers(channels, torch.device("cpu"))
     layers = {"batchnorm": base["batchnorm"], "acnorm-torch": base["acnorm"]}
-    if cuda:
-        layer = ACNorm3d(channels, backend="cuda")
+    for name in [n for n, wanted in (("cuda", cuda), ("triton", triton)) if wanted]:
+        layer = ACNorm3d(channels, backend=name)
         layer.load_state_dict(base["acnorm"].state_dict())
-        layers["acnorm-cuda"] = layer
+        layers[f"acnorm-{name}"] = layer
     return layers
 
 
@@ -228,8 +255,11 @@ def cost_table(case: Case = COST_CASE, noop: bool = True, module=None) -> list[s
         context, note = noop_cuda_launches(module), "`acnorm-cuda`: launches that do nothing"
     else:
         context, note = backends.using_cuda_extension(module), "`acnorm-cuda`: the emulated kernels"
-    with context:
-        layers = cost_layers(case.shape[1], cuda=module is not None)
+    triton = noop and backends.REGISTRY["triton"].is_installed()
+    if triton:
+        note += "; `acnorm-triton`: launches that return before Triton's launcher"
+    with context, (noop_triton_launches() if triton else contextlib.nullcontext()):
+        layers = cost_layers(case.shape[1], cuda=module is not None, triton=triton)
         costs = step_costs({name: (lambda layer=layer: training_step(layer, x, grad))
                             for name, layer in layers.items()})
     base = costs["batchnorm"]

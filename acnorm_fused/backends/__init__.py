@@ -147,6 +147,10 @@ class TritonBackend(Backend):
     dtypes = KERNEL_DTYPES
     implementation = "acnorm_fused.backends.triton:BACKEND"
 
+    def is_installed(self) -> bool:
+        """Whether the triton package is there at all."""
+        return _TRITON_INSTALLED
+
     def is_available(self) -> bool:
         return _TRITON_INSTALLED and (triton_interpreted() or torch.cuda.is_available())
 

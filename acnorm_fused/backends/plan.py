@@ -274,11 +274,12 @@ class _TritonLaunches:
         geo = plan.geo
         _, _, invstd, aux = plan.layout.forward_views(fwd, geo.c)
         grad_w, grad_b, grad_affine, coef, partials = plan.layout.backward_views(bwd, geo.c)
+        partials = partials.view(2, geo.c, geo.splits)
         act, slope = plan.activation, plan.negative_slope
-        kernels.reduce(geo, x, grad_out, partials.view(2, geo.c, geo.splits), aux, act, slope)
-        kernels.finalise_backward(partials.view(2, geo.c, geo.splits), None, invstd, aux,
-                                  grad_affine, coef, plan.count, plan.batch_stats)
-        kernels.target_grad(aux, grad_affine, bwd[:2 * geo.c], plan.temperature)
+        kernels.reduce(geo, x, grad_out, partials, aux, act, slope)
+        kernels.finalise_backward(partials, None, invstd, aux, grad_affine, coef, plan.count, plan.batch_stats)
+        # The kernel writes both rows of the target gradients from grad_w's address on.
+        kernels.target_grad(aux, grad_affine, grad_w, plan.temperature)
         kernels.elementwise(geo, x, grad_out, grad_x, aux, coef, act, slope)
         return grad_w, grad_b
 

@@ -101,3 +101,6 @@ class TritonKernels:
 
 # aux_like, forward, backward, ...: the contract of backends/pytorch.py.
 BACKEND = MultiPassBackend(TritonKernels())
+# Every kernel the backend launches (the audit compiles them; stand-ins replace their launches).
+KERNELS = (reduce_planar_kernel, reduce_interleaved_kernel, elementwise_planar_kernel,
+           elementwise_interleaved_kernel, finalise_forward_kernel, finalise_backward_kernel, target_grad_kernel)
