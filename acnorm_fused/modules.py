@@ -166,13 +166,14 @@ class ACNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # A launch plan for this input's signature skips the checks and the
         # general path (see acnorm_fused.backends.plan); traced code never takes it.
-        plans = self.__dict__.get("_plans")
-        if plans and isinstance(x, Tensor) and not torch.compiler.is_compiling():
-            plan = plans.get((x.shape, x.stride(), x.dtype, x.device, self.training))
-            if plan is not None:
-                out = plan.run(self, x)
-                if out is not None:
-                    return out
+        if not torch.compiler.is_compiling():
+            plans = self.__dict__.get("_plans")
+            if plans and isinstance(x, Tensor):
+                plan = plans.get(LaunchPlan.key(x, self.training))
+                if plan is not None:
+                    out = plan.run(self, x)
+                    if out is not None:
+                        return out
         return self._forward_checked(x)
 
     def _forward_checked(self, x: Tensor) -> Tensor:
@@ -201,8 +202,7 @@ class ACNorm(nn.Module):
                 counts_batches=updates_stats, momentum=effective_momentum(momentum, double_update),
                 eps=self.eps, temperature=self.temperature, activation=self.activation or "",
                 negative_slope=self.negative_slope)
-            self.__dict__.setdefault("_plans", {})[
-                (x.shape, x.stride(), x.dtype, x.device, self.training)] = plan
+            self.__dict__.setdefault("_plans", {})[LaunchPlan.key(x, self.training)] = plan
             return plan.run(self, x)
         out = run_checked(
             backend, x, running_mean, running_var, *params, use_batch_stats, momentum, options["eps"],

@@ -185,6 +185,20 @@ def test_double_backward_is_refused(backend):
         grad_x.sum().backward()
 
 
+def test_compiling_a_layer_that_has_plans(backend):
+    """Traced code takes the custom op, whatever plans the layer holds, with no graph break."""
+    torch._dynamo.reset()
+    layer = make_layer(acn.ACNorm3d, 3, seed=13, backend=backend, activation="relu").to(DEVICE)
+    x = random_input((2, 3, 2, 3, 4), 14).to(DEVICE)
+    layer(x)
+    assert _plans(layer)
+    reference = copy.deepcopy(layer)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), _general(reference, x))
+    torch.testing.assert_close(layer.running_var, reference.running_var)
+    assert int(layer.num_batches_tracked) == int(reference.num_batches_tracked) == 2
+
+
 def test_momentum_none_and_strided_inputs_take_the_general_path(backend):
     layer = make_layer(acn.ACNorm2d, 3, seed=11, backend=backend, momentum=None).to(DEVICE)
     layer(random_input((2, 3, 4, 4), 12).to(DEVICE))

@@ -93,6 +93,8 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = ()
     # "module:attribute" of the fused-backend contract (see the module docstring); "" for none.
     implementation: str = ""
+    # Runs the kernels of backends/multipass.py, so a layer can plan its launches (backends/plan.py).
+    runs_kernels: bool = False
 
     def is_available(self) -> bool:
         """Whether it can run anything on this installation and machine."""
@@ -146,6 +148,7 @@ class TritonBackend(Backend):
     devices = "CUDA tensors (CPU tensors under TRITON_INTERPRET=1)"
     dtypes = KERNEL_DTYPES
     implementation = "acnorm_fused.backends.triton:BACKEND"
+    runs_kernels = True
 
     def is_installed(self) -> bool:
         """Whether the triton package is there at all."""
@@ -176,6 +179,7 @@ class CudaBackend(Backend):
     devices = "CUDA tensors"
     dtypes = KERNEL_DTYPES
     implementation = "acnorm_fused.backends.cuda:BACKEND"
+    runs_kernels = True
 
     def is_available(self) -> bool:
         module = cuda_extension()

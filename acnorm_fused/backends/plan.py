@@ -40,13 +40,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .._checks import raise_for_status
+from . import REGISTRY
 from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
 from .geometry import Geometry, geometry
 from .multipass import on_device
 
-__all__ = ["KERNEL_BACKEND_NAMES", "LaunchPlan", "PlannedStep", "plan_covers"]
+__all__ = ["LaunchPlan", "PlannedStep", "plan_covers"]
 
-KERNEL_BACKEND_NAMES = ("cuda", "triton")
 _F32 = torch.float32
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -66,7 +66,7 @@ def _plain(t: Tensor | None) -> bool:
 def plan_covers(backend: str, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
     """Whether a plan can run ``x`` on ``backend`` with the layer's parameters and
     buffers ``tensors`` (as :meth:`LaunchPlan.tensors_of` orders them), already checked."""
-    return (backend in KERNEL_BACKEND_NAMES and x.numel() > 0 and _is_dense(x)
+    return (REGISTRY[backend].runs_kernels and x.numel() > 0 and _is_dense(x)
             and all(_plain(t) for t in tensors))
 
 
@@ -123,8 +123,8 @@ class _Status:
         return value
 
     def send(self) -> None:
-        if self.deferred:
-            self.host.copy_(self.word, non_blocking=True)
+        """Start the copy of a GPU's word to the host, for the next call to take."""
+        self.host.copy_(self.word, non_blocking=True)
 
 
 class LaunchPlan:
@@ -148,6 +148,11 @@ class LaunchPlan:
         self.count = float(geo.count)
         self.status = _Status(x.device)
         self.launches = _CudaLaunches(self, x) if backend == "cuda" else _TritonLaunches(self)
+
+    @staticmethod
+    def key(x: Tensor, training: bool) -> tuple:
+        """The input signature a layer keeps one plan for."""
+        return (x.shape, x.stride(), x.dtype, x.device, training)
 
     @staticmethod
     def tensors_of(layer) -> tuple[Tensor | None, ...]:
