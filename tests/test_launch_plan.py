@@ -267,3 +267,20 @@ def test_plan_reads_tensors_in_the_layers_order():
     layer = acn.ACNorm1d(3)
     names = ("weight", "bias", "weight_target", "bias_target", "running_mean", "running_var")
     assert all(t is getattr(layer, n) for t, n in zip(LaunchPlan.tensors_of(layer), names))
+
+
+def test_step_plan_takes_keywords_only(emulated_cuda_module):
+    """The module's StepPlan is built by keyword, so a reordered field cannot slip by."""
+    from acnorm_fused.backends.cuda import module_geometry
+    from acnorm_fused.backends.geometry import geometry
+
+    geo = module_geometry(emulated_cuda_module, geometry(torch.zeros(2, 3, 4)))
+    fields = dict(geometry=geo, dtype=0, activation=0, slope=0.0, count=8.0, momentum=0.19, eps=1e-5,
+                  temperature=1.0, batch_stats=True, update_running=True, pilot_stride=4, fwd_partials=0,
+                  fwd_mean=6, fwd_invstd=9, fwd_aux=12, bwd_partials=18, bwd_grad_affine=6, bwd_coef=12,
+                  bwd_grad_target=0)
+    emulated_cuda_module.StepPlan(**fields)
+    with pytest.raises(TypeError):
+        emulated_cuda_module.StepPlan(*fields.values())
+    with pytest.raises(ValueError, match="dtype code must be 0, 1 or 2"):
+        emulated_cuda_module.StepPlan(**{**fields, "dtype": 7})
