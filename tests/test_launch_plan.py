@@ -229,7 +229,8 @@ def test_host_cost_of_an_eager_step_within_budget(emulated_cuda_module):
 
 def test_compiled_module_numbers_as_the_package_does(emulated_cuda_module):
     abi.check_module_abi(emulated_cuda_module)
-    assert emulated_cuda_module.AUX_ROWS == abi.AUX_ROWS
+    assert emulated_cuda_module.AUX_ROWS == abi.AUX_ROWS == len(set(abi.AUX_ROW.values()))
+    assert dict(emulated_cuda_module.AUX_ROW) == abi.AUX_ROW
     assert tuple(emulated_cuda_module.NON_FINITE_BITS) == abi.NON_FINITE_BITS
     other = types.SimpleNamespace(DTYPE_CODES={"float32": 0, "float16": 2, "bfloat16": 1},
                                   ACTIVATION_CODES=abi.ACTIVATION_CODES, AUX_ROWS=abi.AUX_ROWS,
@@ -247,6 +248,8 @@ def test_triton_kernels_read_the_shared_numbering():
     bits = (finalize.NON_FINITE_GAMMA_S, finalize.NON_FINITE_BETA_S, finalize.NON_FINITE_GAMMA_T,
             finalize.NON_FINITE_BETA_T)
     assert tuple(bit.value for bit in bits) == abi.NON_FINITE_BITS
+    rows = {name: getattr(primitives, f"AUX_{name.upper()}").value for name in abi.AUX_ROW}
+    assert rows == abi.AUX_ROW
 
 
 def test_backends_state_what_they_run():

@@ -13,9 +13,12 @@ import torch
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACTIVATION_CODES = {"": 0, "relu": 1, "leaky_relu": 2}
-# Rows of aux: scale W * invstd, B, the mean as centre_hi + centre_lo, y_s,
-# y_t, and the row maximum and exponential sum of the softmax behind S.
-AUX_ROWS = 8
+# Rows of aux, (AUX_ROWS, C) fp32, written by the forward finalise: the scale
+# W * invstd, B, the mean as centre_hi + centre_lo, y_s, y_t, and the row
+# maximum and exponential sum of the softmax behind S.
+AUX_ROW = {"scale": 0, "shift_b": 1, "centre_hi": 2, "centre_lo": 3, "source_sig": 4, "target_sig": 5,
+           "row_max": 6, "row_sum": 7}
+AUX_ROWS = len(AUX_ROW)
 # Status bits of the forward finalise: the affine (in the order of
 # ``acnorm_fused._checks.AFFINE_NAMES``) that holds a NaN or an infinity.
 NON_FINITE_BITS = (1, 2, 4, 8)
@@ -27,6 +30,7 @@ def check_module_abi(module) -> None:
         "DTYPE_CODES": {str(dtype).removeprefix("torch."): code for dtype, code in DTYPE_CODES.items()},
         "ACTIVATION_CODES": ACTIVATION_CODES,
         "AUX_ROWS": AUX_ROWS,
+        "AUX_ROW": AUX_ROW,
         "NON_FINITE_BITS": NON_FINITE_BITS,
     }
     for name, value in expected.items():

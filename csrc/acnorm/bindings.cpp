@@ -239,6 +239,16 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("DTYPE_CODES") = dtype_codes;
   m.attr("ACTIVATION_CODES") = activation_codes;
   m.attr("AUX_ROWS") = static_cast<int>(acnorm::kAuxRows);
+  py::dict aux_rows;
+  aux_rows["scale"] = static_cast<int>(acnorm::kScale);
+  aux_rows["shift_b"] = static_cast<int>(acnorm::kShiftB);
+  aux_rows["centre_hi"] = static_cast<int>(acnorm::kCentreHi);
+  aux_rows["centre_lo"] = static_cast<int>(acnorm::kCentreLo);
+  aux_rows["source_sig"] = static_cast<int>(acnorm::kSourceSig);
+  aux_rows["target_sig"] = static_cast<int>(acnorm::kTargetSig);
+  aux_rows["row_max"] = static_cast<int>(acnorm::kRowMax);
+  aux_rows["row_sum"] = static_cast<int>(acnorm::kRowSum);
+  m.attr("AUX_ROW") = aux_rows;
   m.attr("NON_FINITE_BITS") = py::make_tuple(static_cast<int>(acnorm::kSourceWeight),
                                              static_cast<int>(acnorm::kSourceBias),
                                              static_cast<int>(acnorm::kTargetWeight),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .primitives import activate, activation_grad
+from .primitives import AUX_CENTRE_HI, AUX_CENTRE_LO, AUX_SCALE, AUX_SHIFT_B, activate, activation_grad
 
 
 @triton.jit
@@ -22,10 +22,10 @@ def _apply_tile(x_ptr, dy_ptr, out_ptr, aux_ptr, coef_ptr, offsets, mask, channe
                 GRAD: tl.constexpr, ACT: tl.constexpr):
     """One tile of either pass; ``channels`` (a scalar or a vector) index the
     per-channel rows and broadcast against the tile."""
-    scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
-    bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
-    hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
-    lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+    scale = tl.load(aux_ptr + AUX_SCALE * C + channels, mask=channel_mask, other=0.0)
+    bias = tl.load(aux_ptr + AUX_SHIFT_B * C + channels, mask=channel_mask, other=0.0)
+    hi = tl.load(aux_ptr + AUX_CENTRE_HI * C + channels, mask=channel_mask, other=0.0)
+    lo = tl.load(aux_ptr + AUX_CENTRE_LO * C + channels, mask=channel_mask, other=0.0)
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     centred = (x - hi) - lo
     pre = centred * scale + bias

@@ -27,7 +27,10 @@ import triton
 import triton.language as tl
 
 from ..abi import NON_FINITE_BITS
-from .primitives import affinity, affinity_logit, chan_merge, kept_in_s, signature
+from .primitives import (
+    AUX_CENTRE_HI, AUX_CENTRE_LO, AUX_ROW_MAX, AUX_ROW_SUM, AUX_SCALE, AUX_SHIFT_B, AUX_SOURCE_SIG,
+    AUX_TARGET_SIG, affinity, affinity_logit, chan_merge, kept_in_s, signature,
+)
 
 NON_FINITE_GAMMA_S, NON_FINITE_BETA_S, NON_FINITE_GAMMA_T, NON_FINITE_BETA_T = (
     tl.constexpr(bit) for bit in NON_FINITE_BITS)
@@ -145,14 +148,14 @@ def finalise_forward_kernel(
         unbiased = var * (count / (count - 1.0))
         tl.store(new_mean_ptr + channels, old_mean + momentum * (mean - old_mean), mask=update_mask)
         tl.store(new_var_ptr + channels, old_var + momentum * (unbiased - old_var), mask=update_mask)
-    tl.store(aux_ptr + 0 * C + channels, w_eff * invstd, mask=channel_mask)
-    tl.store(aux_ptr + 1 * C + channels, b_eff, mask=channel_mask)
-    tl.store(aux_ptr + 2 * C + channels, centre_hi, mask=channel_mask)
-    tl.store(aux_ptr + 3 * C + channels, centre_lo, mask=channel_mask)
-    tl.store(aux_ptr + 4 * C + channels, y_source_own, mask=channel_mask)
-    tl.store(aux_ptr + 5 * C + channels, y_target, mask=channel_mask)
-    tl.store(aux_ptr + 6 * C + channels, row_max, mask=channel_mask)
-    tl.store(aux_ptr + 7 * C + channels, row_sum, mask=channel_mask)
+    tl.store(aux_ptr + AUX_SCALE * C + channels, w_eff * invstd, mask=channel_mask)
+    tl.store(aux_ptr + AUX_SHIFT_B * C + channels, b_eff, mask=channel_mask)
+    tl.store(aux_ptr + AUX_CENTRE_HI * C + channels, centre_hi, mask=channel_mask)
+    tl.store(aux_ptr + AUX_CENTRE_LO * C + channels, centre_lo, mask=channel_mask)
+    tl.store(aux_ptr + AUX_SOURCE_SIG * C + channels, y_source_own, mask=channel_mask)
+    tl.store(aux_ptr + AUX_TARGET_SIG * C + channels, y_target, mask=channel_mask)
+    tl.store(aux_ptr + AUX_ROW_MAX * C + channels, row_max, mask=channel_mask)
+    tl.store(aux_ptr + AUX_ROW_SUM * C + channels, row_sum, mask=channel_mask)
 
 
 @triton.jit
@@ -177,7 +180,7 @@ def finalise_backward_kernel(
         if HAS_GLOBAL:
             sum_dy = tl.load(global_sums_ptr + channels, mask=channel_mask, other=0.0)
             sum_dy_xmu = tl.load(global_sums_ptr + C + channels, mask=channel_mask, other=0.0)
-        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
+        scale = tl.load(aux_ptr + AUX_SCALE * C + channels, mask=channel_mask, other=0.0)
         p = -scale * invstd * invstd * sum_dy_xmu / count
         q = -scale * sum_dy / count
     else:
@@ -194,7 +197,7 @@ def target_grad_kernel(
 ):
     cols = tl.program_id(0) * BLOCK_J + tl.arange(0, BLOCK_J)
     col_mask = cols < C
-    y_source = tl.load(aux_ptr + 4 * C + cols, mask=col_mask, other=0.0)
+    y_source = tl.load(aux_ptr + AUX_SOURCE_SIG * C + cols, mask=col_mask, other=0.0)
     grad_w = tl.load(grad_affine_ptr + cols, mask=col_mask, other=0.0)
     grad_b = tl.load(grad_affine_ptr + C + cols, mask=col_mask, other=0.0)
     acc_w = grad_w
@@ -202,10 +205,10 @@ def target_grad_kernel(
     for i in range(0, C, BLOCK_I):
         rows = i + tl.arange(0, BLOCK_I)
         row_mask = rows < C
-        y_source_own = tl.load(aux_ptr + 4 * C + rows, mask=row_mask, other=0.0)
-        y_target = tl.load(aux_ptr + 5 * C + rows, mask=row_mask, other=0.0)
-        row_max = tl.load(aux_ptr + 6 * C + rows, mask=row_mask, other=0.0)
-        row_sum = tl.load(aux_ptr + 7 * C + rows, mask=row_mask, other=1.0)
+        y_source_own = tl.load(aux_ptr + AUX_SOURCE_SIG * C + rows, mask=row_mask, other=0.0)
+        y_target = tl.load(aux_ptr + AUX_TARGET_SIG * C + rows, mask=row_mask, other=0.0)
+        row_max = tl.load(aux_ptr + AUX_ROW_MAX * C + rows, mask=row_mask, other=0.0)
+        row_sum = tl.load(aux_ptr + AUX_ROW_SUM * C + rows, mask=row_mask, other=1.0)
         a = affinity(y_target[:, None], y_source[None, :], row_max[:, None], row_sum[:, None], temperature)
         kept = kept_in_s(y_target[:, None], y_source[None, :], y_source_own[:, None])
         s = tl.where(row_mask[:, None] & col_mask[None, :] & kept, a, 0.0)

@@ -6,11 +6,20 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..abi import ACTIVATION_CODES
+from ..abi import ACTIVATION_CODES, AUX_ROW
 
 # Activation codes of the ``ACT`` constexpr (numbered in ..abi).
 ACT_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
 ACT_LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["leaky_relu"])
+# Rows of aux (numbered in ..abi): row r of channel c is at aux_ptr + r * C + c.
+AUX_SCALE = tl.constexpr(AUX_ROW["scale"])
+AUX_SHIFT_B = tl.constexpr(AUX_ROW["shift_b"])
+AUX_CENTRE_HI = tl.constexpr(AUX_ROW["centre_hi"])
+AUX_CENTRE_LO = tl.constexpr(AUX_ROW["centre_lo"])
+AUX_SOURCE_SIG = tl.constexpr(AUX_ROW["source_sig"])
+AUX_TARGET_SIG = tl.constexpr(AUX_ROW["target_sig"])
+AUX_ROW_MAX = tl.constexpr(AUX_ROW["row_max"])
+AUX_ROW_SUM = tl.constexpr(AUX_ROW["row_sum"])
 
 
 @triton.jit

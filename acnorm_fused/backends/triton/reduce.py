@@ -21,7 +21,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .primitives import activation_grad, chan_merge, welford_step
+from .primitives import (
+    AUX_CENTRE_HI, AUX_CENTRE_LO, AUX_SCALE, AUX_SHIFT_B, activation_grad, chan_merge, welford_step,
+)
 
 
 @triton.jit
@@ -32,10 +34,10 @@ def _channel_constants(x_ptr, aux_ptr, channels, pilot_offsets, C, channel_mask,
     zero = tl.where(channel_mask, 0.0, 0.0)
     if GRAD:
         pilot = zero
-        scale = tl.load(aux_ptr + channels, mask=channel_mask, other=0.0)
-        bias = tl.load(aux_ptr + C + channels, mask=channel_mask, other=0.0)
-        centre_hi = tl.load(aux_ptr + 2 * C + channels, mask=channel_mask, other=0.0)
-        centre_lo = tl.load(aux_ptr + 3 * C + channels, mask=channel_mask, other=0.0)
+        scale = tl.load(aux_ptr + AUX_SCALE * C + channels, mask=channel_mask, other=0.0)
+        bias = tl.load(aux_ptr + AUX_SHIFT_B * C + channels, mask=channel_mask, other=0.0)
+        centre_hi = tl.load(aux_ptr + AUX_CENTRE_HI * C + channels, mask=channel_mask, other=0.0)
+        centre_lo = tl.load(aux_ptr + AUX_CENTRE_LO * C + channels, mask=channel_mask, other=0.0)
     else:
         pilot = tl.load(x_ptr + pilot_offsets, mask=channel_mask, other=0.0).to(tl.float32)
         scale = zero
