@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, benchmark
+from . import __version__, benchmark, benchmark_network
 from .backends import available_backends, cuda_extension_status, resolve_backend
 
 
@@ -43,6 +43,10 @@ def cmd_info(_args: argparse.Namespace) -> int:
         probe = torch.empty(0)
     print(f"auto picks   {resolve_backend('auto', probe, 'acnorm info')}")
     return 0
+
+
+TABLE_DTYPES = ("float32", "bfloat16")
+TABLE_LAYOUTS = ("contiguous", "channels_last")
 
 
 def _parse_shape(text: str) -> benchmark.Shape:
@@ -76,6 +80,16 @@ def _write_tables(folder: Path, stem: str, markdown: str, json_text: str, quiet:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark table and optionally write it as Markdown and JSON."""
+    if args.what == "network":
+        others = [flag for flag, given in (("--shapes", args.shapes), ("--audit", args.audit),
+                                           ("--host-profile", args.host_profile),
+                                           ("--sync-processes", args.sync_processes is not None)) if given]
+        if others:
+            print(f"acnorm bench network: {', '.join(others)} belong(s) to the per-layer table", file=sys.stderr)
+            return 2
+    elif args.networks or args.modes:
+        print("acnorm bench: --networks and --modes belong to `acnorm bench network`", file=sys.stderr)
+        return 2
     if args.audit:
         return _bench_audit(args)
     if args.device == "auto":
@@ -85,17 +99,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             print("acnorm bench: --device cuda asked for, but no CUDA device is available", file=sys.stderr)
             return 2
+    if args.what == "network":
+        return _bench_network(args, device)
+    dtypes = args.dtypes or TABLE_DTYPES
+    layouts = args.layouts or TABLE_LAYOUTS
     if args.shapes:
         cases = [
             benchmark.Case(shape, dtype, layout)
             for shape in args.shapes
-            for dtype in args.dtypes
-            for layout in args.layouts
+            for dtype in dtypes
+            for layout in layouts
         ]
     else:
         cases = [
             c for c in benchmark.default_cases(device)
-            if c.dtype in args.dtypes and c.layout in args.layouts
+            if c.dtype in dtypes and c.layout in layouts
         ]
     machine = benchmark.machine_description(device)
     if device.type == "cpu" and not args.system_malloc and benchmark.reuse_freed_memory():
@@ -125,6 +143,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"acnorm bench: wrote {args.out / 'bench.png'}", file=sys.stderr)
         else:
             print("acnorm bench: no plot (matplotlib is not installed)", file=sys.stderr)
+    return 0
+
+
+def _bench_network(args: argparse.Namespace, device: torch.device) -> int:
+    """The training step of whole networks: BatchNorm original, AC-Norm, the authors' formulation."""
+    try:
+        import monai  # noqa: F401
+    except ImportError:
+        print("acnorm bench network: the networks come from MONAI (pip install 'acnorm-fused[monai]')",
+              file=sys.stderr)
+        return 2
+    rows = benchmark_network.default_rows(device, args.quick, args.networks, args.dtypes, args.layouts,
+                                          args.modes)
+    machine = benchmark.machine_description(device)
+    print(f"acnorm bench network: {len(rows)} rows on {machine}{' (quick sizes)' if args.quick else ''}",
+          file=sys.stderr)
+
+    def write(results: list) -> None:
+        # Rewritten after every row: a run stopped by a time limit keeps its finished rows.
+        if args.out is not None:
+            _write_tables(args.out, "bench-network", benchmark_network.to_markdown(results, machine, args.quick),
+                          benchmark_network.to_json(results, machine, args.quick), quiet=True)
+
+    results = benchmark_network.run(rows, device, args.quick, rounds=max(args.repeats // 4, 3),
+                                    progress=lambda line: print(line, file=sys.stderr, flush=True), done=write)
+    print(benchmark_network.to_markdown(results, machine, args.quick))
+    if args.out is not None:
+        written = ["bench-network.md", "bench-network.json"]
+        if benchmark_network.write_plot(results, args.out / "bench-network.png"):
+            written.append("bench-network.png")
+        print(f"acnorm bench network: wrote {', '.join(str(args.out / name) for name in written)}",
+              file=sys.stderr)
     return 0
 
 
@@ -261,7 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     bench = sub.add_parser(
-        "bench", help="time forward+backward of the reference, acnorm and nn.BatchNorm3d"
+        "bench", help="time forward+backward of the reference, acnorm and nn.BatchNorm3d "
+                      "(bench network: whole networks' training steps)"
+    )
+    bench.add_argument(
+        "what", nargs="?", choices=["table", "network"], default="table",
+        help="table (default): the per-layer table; network: the training step of whole networks, "
+             "BatchNorm original against converted to AC-Norm and to the authors' formulation",
     )
     bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     bench.add_argument(
@@ -269,12 +325,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="shapes to run (default: the standard set for the device)",
     )
     bench.add_argument(
-        "--dtypes", nargs="+", default=["float32", "bfloat16"],
-        choices=["float32", "bfloat16", "float16"],
+        "--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
+        help="default: float32 and bfloat16 (network --quick: float32)",
     )
     bench.add_argument(
-        "--layouts", nargs="+", default=["contiguous", "channels_last"],
-        choices=["contiguous", "channels_last"],
+        "--layouts", nargs="+", choices=list(TABLE_LAYOUTS), help="default: both",
+    )
+    bench.add_argument(
+        "--networks", nargs="+", choices=list(benchmark_network.NETWORKS),
+        help="network: the networks to run (default: all; on a GPU a set of rows sized to about 3 minutes)",
+    )
+    bench.add_argument(
+        "--modes", nargs="+", choices=list(benchmark_network.MODES),
+        help="network: eager steps (default), torch.compile, or torch.compile with CUDA graphs (GPU)",
     )
     bench.add_argument(
         "--repeats", type=_positive_int, default=20,
@@ -301,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
              "the cuda backend's launches doing nothing (host-cost.md)",
     )
     bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
-    bench.add_argument("--quick", action="store_true", help="--audit: one launch set per kernel family")
+    bench.add_argument("--quick", action="store_true",
+                       help="--audit: one launch set per kernel family; network: CPU sizes (a smoke test)")
     bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json (or audit.*, host-profile.md) into")
     bench.add_argument(
         "--system-malloc", action="store_true",

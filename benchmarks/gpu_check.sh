@@ -7,14 +7,19 @@
 # against hangs, a failing step does not stop the later ones, and every step
 # leaves what it has finished in the report, so a run cut short still says
 # something. GPU_CHECK_STEPS picks the steps after the build (default: "tests
-# bench profile kernels"), for a rerun that must fit the rest of a short lease.
+# bench profile network kernels"), for a rerun that must fit the rest of a
+# short lease. The network step (whole networks' training steps, `acnorm bench
+# network`) is sized to about 3 minutes more, not yet measured on a GPU; its
+# networks come from MONAI, pure Python (16 MB, needs only torch and numpy):
+# where the GPU machine lacks it, bring a copy and name its folder in
+# PYTHONPATH.
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-check-$(date +%Y%m%d-%H%M%S)}"
 mkdir -p "$OUT"
 REPORT="$OUT/report.md"
 PY="${PYTHON:-python3}"
-STEPS=" ${GPU_CHECK_STEPS:-tests bench profile kernels} "
+STEPS=" ${GPU_CHECK_STEPS:-tests bench profile network kernels} "
 export PYTHONUNBUFFERED=1
 
 section() { printf '\n## %s\n\n```\n' "$1" >> "$REPORT"; }
@@ -67,11 +72,12 @@ PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=8)
 if "$PY" -c 'import xdist' 2>/dev/null; then PYTEST+=(-n 6 --dist loadgroup); fi
 # Most important first: correctness on the benchmark shapes (both kernel
 # backends), then the table (the CUDA kernels as auto's pick, Triton beside
-# them), then where the eager step's host time goes, then the kernel test grid
+# them), then where the eager step's host time goes, then whole networks, then the kernel test grid
 # (compiled for the GPU this time).
 case $STEPS in *" tests "*) run 150 "GPU tests" "${PYTEST[@]}" -m gpu tests ;; esac
 case $STEPS in *" bench "*) run 400 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 10 --out "$OUT" ;; esac
 case $STEPS in *" profile "*) run 90 "host profile" "$PY" -m acnorm_fused.cli bench --host-profile --out "$OUT" ;; esac
+case $STEPS in *" network "*) run 240 "network table" "$PY" -m acnorm_fused.cli bench network --out "$OUT" ;; esac
 case $STEPS in *" kernels "*) run 90 "kernel tests on the GPU" "${PYTEST[@]}" -m interpret tests ;; esac
 
 echo "report: $REPORT"

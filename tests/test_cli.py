@@ -175,3 +175,30 @@ def test_cuda_benchmark_times_the_bar_pair_from_graphs_too(monkeypatch):
     assert "| 0.500 | 1.000 | 0.50 | 1600 |" in row
     ratios = json.loads(benchmark.to_json([result], "a GPU"))["results"][0]["ratios"]
     assert ratios["graph_acnorm_over_batchnorm"] == 0.5
+
+
+def test_bench_network_quick_writes_its_tables(tmp_path, capsys):
+    """The CPU smoke test of `acnorm bench network`: every quick row, the three
+    versions of each, with their ratios to the BatchNorm original."""
+    pytest.importorskip("monai")
+    assert main(["bench", "network", "--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "bench-network.json").read_text())
+    assert data["quick"] is True
+    dynunet = [row for row in data["rows"] if row["network"] == "dynunet"]
+    assert {row["layout"] for row in dynunet} == {"contiguous", "channels_last"}
+    for row in data["rows"]:
+        assert set(row["median_ms"]) == {"batchnorm", "acnorm", "reference"}, row["refused"]
+        assert all(value > 0 for value in row["median_ms"].values())
+        assert row["ratio_to_batchnorm"]["batchnorm"] == 1.0
+    table = (tmp_path / "bench-network.md").read_text()
+    assert "| dynunet | float32 | contiguous | eager | acnorm |" in table and "smoke test" in table
+    assert "[5/5]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["bench", "network", "--audit"], "--audit belong(s) to the per-layer table"),
+    (["bench", "--networks", "dynunet"], "--networks and --modes belong to `acnorm bench network`"),
+])
+def test_bench_network_refuses_the_tables_options(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
