@@ -53,6 +53,9 @@ from .benchmark import (Case, graph_replay_ms, make_input, make_layers, other_ke
 GPU_CASES = (Case((2, 128, 32, 32, 32)), Case((2, 320, 8, 8, 8)), Case((2, 128, 32, 32, 32), "bfloat16"),
              Case((2, 32, 128, 128, 128)))
 CPU_CASES = (Case((2, 32, 32, 32, 32)),)
+# Functions listed from cProfile, by own time: enough to reach the op's own
+# thin layers (functional.py, ops.py), which each take little.
+PROFILE_ROWS = 60
 # The step whose host cost is counted on a CPU: small enough that the kernels'
 # work is negligible next to the path to them.
 COST_CASE = Case((2, 64, 4, 4, 4))
@@ -302,7 +305,7 @@ def profile_case(case: Case, device: torch.device, repeats: int = 50,
                      f"| {host / batchnorm_host:.2f} |")
     fused = steps["acnorm"]
     lines += ["", f"cProfile of {profile_steps} steps of `acnorm`, by own time:", "", "```",
-              _python_profile(fused, profile_steps, 30), "```", "",
+              _python_profile(fused, profile_steps, PROFILE_ROWS), "```", "",
               f"torch.profiler of {profile_steps // 5} steps of `acnorm`, by self CPU time:", "", "```",
               _operator_profile(fused, device, profile_steps // 5, 25), "```", ""]
     if device.type == "cuda":
