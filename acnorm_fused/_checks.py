@@ -43,6 +43,16 @@ def check_hyperparameters(
         raise ValueError(f"{name}: negative_slope must be a finite number, got {negative_slope!r}")
 
 
+def check_temperature(name: str, temperature: float, dtype: torch.dtype) -> None:
+    """Reject a temperature that is zero or subnormal in ``dtype``, the dtype the
+    correlation runs in: ``|d| / T`` would then be infinite and S NaN."""
+    tiny = torch.finfo(dtype).tiny
+    if temperature < tiny:
+        raise ValueError(
+            f"{name}: temperature {temperature!r} is below the smallest normal {dtype} ({tiny:.3g}), "
+            f"the dtype the correlation runs in; it would divide by zero")
+
+
 def check_input(
     name: str,
     x: Tensor,

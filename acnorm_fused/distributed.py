@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import check_finite_affines, check_hyperparameters, check_input
+from ._checks import check_finite_affines, check_hyperparameters, check_input, check_temperature
 from .backends import fused_backend, resolve_backend
 from .backends.config import StepConfig
-from .correlation import as_dtype, stack_affines
+from .correlation import as_dtype, compute_dtype, stack_affines
 from .functional import _dense_layout, effective_momentum
 from .modules import ACNorm
 from .statistics import merge_moments
@@ -128,6 +128,7 @@ def sync_ac_norm(
         bias_target=bias_target, running_mean=running_mean, running_var=running_var,
         training=True, synced=True,
     )
+    check_temperature(caller, temperature, compute_dtype(weight.dtype))
     name = resolve_backend(backend, x, caller)
     if name == "reference":
         raise ValueError(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_finite_affines, check_hyperparameters, check_input
+from ._checks import check_finite_affines, check_hyperparameters, check_input, check_temperature
 from .backends import resolve_backend
 from .backends.reference import ac_norm_reference
-from .correlation import stack_affines
+from .correlation import compute_dtype, stack_affines
 from .ops import ac_norm_forward
 
 __all__ = ["ac_norm", "checked_backend", "effective_momentum", "run_checked"]
@@ -116,6 +116,7 @@ def checked_backend(
         bias_target=bias_target, running_mean=running_mean, running_var=running_var,
         training=training,
     )
+    check_temperature(caller, temperature, compute_dtype(weight.dtype))
     return resolve_backend(backend, x, caller)
 
 

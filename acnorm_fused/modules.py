@@ -246,13 +246,18 @@ class ACNorm(nn.Module):
         has_target = any(prefix + key in state_dict for key in ("weight_target", "bias_target"))
         has_source = all(prefix + key in state_dict for key in ("weight", "bias"))
         if has_source and not has_target:
-            state_dict[prefix + "weight_target"] = state_dict[prefix + "weight"]
-            state_dict[prefix + "bias_target"] = state_dict[prefix + "bias"]
+            # Copies: with load_state_dict(assign=True) the target must not become
+            # the frozen source's own tensor, or training it would move the source.
+            state_dict[prefix + "weight_target"] = state_dict[prefix + "weight"].detach().clone()
+            state_dict[prefix + "bias_target"] = state_dict[prefix + "bias"].detach().clone()
         version = local_metadata.get("version", None)
         counter_key = prefix + "num_batches_tracked"
         if self.track_running_stats and (version is None or version < 2) and counter_key not in state_dict:
-            # Checkpoints older than the counter, as BatchNorm accepts them.
-            state_dict[counter_key] = torch.tensor(0, dtype=torch.long)
+            # Checkpoints older than the counter, as BatchNorm accepts them: the
+            # layer keeps its own count (it weighs the next update when momentum=None).
+            counter = self.num_batches_tracked
+            state_dict[counter_key] = (counter if counter is not None and counter.device.type != "meta"
+                                       else torch.tensor(0, dtype=torch.long))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

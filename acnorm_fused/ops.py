@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_finite_affines
 from .backends import fused_backend
@@ -156,7 +157,8 @@ class ACNormFunction(torch.autograd.Function):
         _setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(_backward_through(_backward_impl))
+    # The backward kernels are not differentiable: a second derivative is refused, not wrong.
+    backward = staticmethod(once_differentiable(_backward_through(_backward_impl)))
 
 
 def ac_norm_forward(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

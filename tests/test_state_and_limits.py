@@ -1,0 +1,96 @@
+"""Loading checkpoints into AC-Norm layers, temperatures at the edge of the
+compute dtype, and second derivatives: what a BatchNorm replacement must get right."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+import acnorm_fused as acn
+from acnorm_fused.distributed import sync_ac_norm
+
+from conftest import make_layer, random_input
+
+
+def _bn_checkpoint(channels: int) -> dict:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+    bn.num_batches_tracked.fill_(7)
+    return bn.state_dict()
+
+
+def test_assign_load_keeps_source_and_target_apart():
+    """load_state_dict(assign=True) of a BatchNorm checkpoint: the trainable target
+    is a tensor of its own, so an optimizer step leaves the frozen source alone."""
+    checkpoint = _bn_checkpoint(4)
+    layer = acn.ACNorm2d(4)
+    layer.load_state_dict(checkpoint, assign=True)
+    assert layer.weight_target.data_ptr() != layer.weight.data_ptr()
+    assert layer.bias_target.data_ptr() != layer.bias.data_ptr()
+    assert torch.equal(layer.weight_target, checkpoint["weight"])
+    source = layer.weight.detach().clone()
+    optimizer = torch.optim.SGD([layer.weight_target, layer.bias_target], lr=0.5)
+    layer(random_input((2, 4, 3, 3), 1)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(layer.weight_target, source), "the target trained"
+    assert torch.equal(layer.weight, source), "the source stayed frozen"
+    assert torch.equal(checkpoint["weight"], source), "the checkpoint is untouched"
+
+
+def test_old_checkpoint_keeps_the_layers_counter():
+    """A checkpoint without num_batches_tracked (older than the counter) leaves the
+    layer's counter as it is, as BatchNorm does, also when the load fails."""
+    layer = acn.ACNorm2d(4)
+    layer.num_batches_tracked.fill_(5)
+    bn = nn.BatchNorm2d(4)
+    bn.num_batches_tracked.fill_(5)
+    old = OrderedDict((k, v) for k, v in _bn_checkpoint(4).items() if k != "num_batches_tracked")
+    old._metadata = {"": {"version": 1}}
+    bad = OrderedDict(old, unexpected=torch.zeros(1))
+    bad._metadata = old._metadata
+    for module in (layer, bn):
+        with pytest.raises(RuntimeError, match="Unexpected key"):
+            module.load_state_dict(bad)
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 5
+    layer.load_state_dict(old)
+    bn.load_state_dict(old)
+    assert int(layer.num_batches_tracked) == int(bn.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_temperature_that_vanishes_in_the_compute_dtype(backend):
+    layer = make_layer(acn.ACNorm2d, 4, seed=0, backend=backend, temperature=1e-300)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"ACNorm2d\(4\): temperature 1e-300 is below the smallest normal "
+                                         r"torch.float32"):
+        layer(random_input((2, 4, 3, 3), 1))
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # In float64 the correlation runs in float64, where 1e-300 is a normal number.
+    out = layer.double()(random_input((2, 4, 3, 3), 1, torch.float64))
+    assert torch.isfinite(out).all()
+    w = torch.ones(3)
+    with pytest.raises(ValueError, match="sync_ac_norm: temperature"):
+        sync_ac_norm(torch.ones(2, 3), None, None, w, w, w, w, temperature=1e-39)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_second_derivative_is_refused_not_wrong(backend):
+    """The fused backward is not differentiable: asking for a second derivative
+    through it is an error, on every fused backend (the reference backend is
+    plain autograd and differentiates twice)."""
+    layer = make_layer(acn.ACNorm2d, 3, seed=2, backend=backend)
+    x = random_input((2, 3, 4, 4), 3).requires_grad_()
+    (grad_x,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()
+    reference = make_layer(acn.ACNorm2d, 3, seed=2, backend="reference")
+    (grad_x,) = torch.autograd.grad(reference(x).square().sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad_x.sum(), reference.weight_target)
+    assert torch.isfinite(second).all()
