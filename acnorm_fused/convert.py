@@ -40,16 +40,35 @@ def _lookup(table, module):
 def _replace_modules(
     module: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], prefix: str = ""
 ) -> nn.Module:
-    """Replace ``module`` and its descendants, top-down, by ``replace(name, m)`` when not None."""
-    replacement = replace(prefix, module)
-    if replacement is not None:
-        return replacement
-    for child_name, child in list(module.named_children()):
-        name = f"{prefix}.{child_name}" if prefix else child_name
-        new_child = _replace_modules(child, replace, name)
-        if new_child is not child:
-            setattr(module, child_name, new_child)
-    return module
+    """Replace ``module`` and its descendants, top-down, by ``replace(name, m)`` when not None.
+
+    All or nothing: every replacement is built before the first is made, so a
+    ``replace`` that raises leaves the model as it was. A module held in
+    several places (``nn.Sequential(bn, act, bn)``) is replaced everywhere by
+    one new module, so what was shared stays shared."""
+    seen: dict[int, nn.Module] = {}
+    edits: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def visit(node: nn.Module, name: str) -> nn.Module:
+        if id(node) in seen:
+            return seen[id(node)]
+        replacement = replace(name, node)
+        seen[id(node)] = node if replacement is None else replacement
+        if replacement is not None:
+            return replacement
+        # Every slot, duplicates included (named_children() yields a module once).
+        for child_name, child in list(node._modules.items()):
+            if child is None:
+                continue
+            new_child = visit(child, f"{name}.{child_name}" if name else child_name)
+            if new_child is not child:
+                edits.append((node, child_name, new_child))
+        return node
+
+    root = visit(module, prefix)
+    for parent, child_name, new_child in edits:
+        setattr(parent, child_name, new_child)
+    return root
 
 
 def _excluded(name: str, exclude: Iterable[str]) -> bool:
@@ -76,12 +95,14 @@ def convert_model(
     when ``None``), for DDP training. Layers named in ``exclude`` (as in
     ``module.named_modules()``; a name excludes its whole subtree) stay as
     they are. The module is changed in place and returned (the returned
-    object is new when ``module`` itself is a BatchNorm).
+    object is new when ``module`` itself is a BatchNorm); when any layer
+    cannot be converted, nothing is. A BatchNorm held in several places
+    becomes one AC-Norm held in the same places.
     """
     if process_group is not None and not sync:
         raise ValueError("convert_model: process_group is for sync=True; got sync=False")
     exclude = tuple([exclude] if isinstance(exclude, str) else exclude)
-    names = {name for name, _ in module.named_modules()}
+    names = {name for name, _ in module.named_modules(remove_duplicate=False)}
     unknown = [entry for entry in exclude if entry not in names]
     if unknown:
         raise ValueError(f"convert_model: exclude names no module of the model: {unknown}")

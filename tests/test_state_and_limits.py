@@ -94,3 +94,20 @@ def test_second_derivative_is_refused_not_wrong(backend):
     (grad_x,) = torch.autograd.grad(reference(x).square().sum(), x, create_graph=True)
     (second,) = torch.autograd.grad(grad_x.sum(), reference.weight_target)
     assert torch.isfinite(second).all()
+
+
+def test_convert_a_batchnorm_used_twice_in_one_parent():
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn, nn.ReLU(), bn)
+    acn.convert_model(model)
+    assert isinstance(model[0], acn.ACNorm2d) and model[2] is model[0], "one shared layer, converted once"
+    folded = acn.fold_to_batchnorm(model.eval())
+    assert isinstance(folded[0], nn.BatchNorm2d) and folded[2] is folded[0]
+
+
+def test_failed_conversion_changes_nothing():
+    good, plain = nn.BatchNorm2d(3), nn.BatchNorm2d(3, affine=False)
+    model = nn.Sequential(good, nn.Sequential(nn.ReLU(), plain))
+    with pytest.raises(ValueError, match=r"convert_model: 1\.1 .*affine=False"):
+        acn.convert_model(model)
+    assert model[0] is good and model[1][1] is plain, "all or nothing"
