@@ -50,10 +50,43 @@ TABLE_LAYOUTS = ("contiguous", "channels_last")
 
 
 def _parse_shape(text: str) -> benchmark.Shape:
-    parts = [int(p) for p in text.lower().split("x")]
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
     if len(parts) != 5 or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"a shape is NxCxDxHxW with positive sizes, got {text!r}")
+    n, _c, *spatial = parts
+    if n * spatial[0] * spatial[1] * spatial[2] < 2:
+        raise argparse.ArgumentTypeError(
+            f"{text}: a training step needs more than one value per channel (N * D * H * W > 1)")
     return tuple(parts)  # type: ignore[return-value]
+
+
+def _bench_device(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` naming a GPU of this machine."""
+    if text == "auto":
+        return text
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on cpu or cuda devices")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def _out_folder(text: str) -> Path:
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
 
 
 def _positive_int(text: str) -> int:
@@ -319,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="table (default): the per-layer table; network: the training step of whole networks, "
              "BatchNorm original against converted to AC-Norm and to the authors' formulation",
     )
-    bench.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    bench.add_argument("--device", type=_bench_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
     bench.add_argument(
         "--shapes", nargs="+", type=_parse_shape, metavar="NxCxDxHxW",
         help="shapes to run (default: the standard set for the device)",
@@ -366,7 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--archs", type=_archs, default=(80, 90, 100), help="--audit: targets, e.g. 80,90,100")
     bench.add_argument("--quick", action="store_true",
                        help="--audit: one launch set per kernel family; network: CPU sizes (a smoke test)")
-    bench.add_argument("--out", type=Path, help="folder to write bench.md and bench.json (or audit.*, host-profile.md) into")
+    bench.add_argument("--out", type=_out_folder, help="folder to write bench.md and bench.json (or audit.*, host-profile.md) into")
     bench.add_argument(
         "--system-malloc", action="store_true",
         help="on CPU, keep glibc's default of unmapping large freed blocks (noisier timings)",

@@ -202,3 +202,27 @@ def test_bench_network_quick_writes_its_tables(tmp_path, capsys):
 def test_bench_network_refuses_the_tables_options(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--device", "foo"], "'foo' is not a device"),
+    (["--device", "cuda:x"], "'cuda:x' is not a device"),
+    (["--device", "mps"], "the benchmarks run on cpu or cuda devices"),
+    (["--shapes", "1x4x1x1x1"], "needs more than one value per channel"),
+    (["--shapes", "2x4x3"], "a shape is NxCxDxHxW"),
+])
+def test_bench_refuses_bad_arguments_before_any_work(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_refuses_an_out_that_is_a_file(tmp_path, capsys):
+    existing = tmp_path / "taken"
+    existing.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--device", "cpu", "--shapes", "2x4x3x3x3", "--out", str(existing)])
+    assert exit_info.value.code == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
