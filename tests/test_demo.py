@@ -161,3 +161,16 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert {r["source"] for r in transfer} == set(zoo.SOURCES)
     assert all(math.isfinite(r["ac_corr"]) and 0 < r["ac_corr"] for r in transfer)
     assert len(list((tmp_path / "cache").glob("zoo-restoration-*.pt"))) == 2
+
+
+def test_demo_says_what_is_missing_before_any_run(monkeypatch, tmp_path, capsys):
+    """Without pydicom the demo stops at once with what to install, not after the study's runs."""
+    for check in ("_nibabel", "_icbm_folder", "_mricron_file"):  # everything else present
+        monkeypatch.setattr(data, check, lambda *args: None)
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "pydicom" else real_find_spec(name, *args))
+    monkeypatch.setattr(study, "finetune_all", lambda *args, **kwargs: pytest.fail("a run started"))
+    assert cli.main(["demo", "--smoke", "--out", str(tmp_path / "out")]) == 2
+    assert "acnorm demo: the unrelated modality (radiographs) comes with pydicom" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

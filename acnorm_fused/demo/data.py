@@ -168,6 +168,16 @@ def _xray_folder() -> Path:
     return folder
 
 
+def check_available() -> None:
+    """Raise :class:`MissingData` for the first package or dataset the study lacks,
+    so that a missing one is said before any run, not after the others."""
+    _nibabel()
+    _icbm_folder()
+    for name in ("ch2.nii.gz", "aal.nii.gz", "aal.nii.txt"):
+        _mricron_file(name)
+    _xray_folder()
+
+
 def load_xray_crops(count: int, seed: int = 0) -> np.ndarray:
     """``count`` crops (float32, shaped like an axial slice of the grid, each
     normalised to mean 0 and std 1) from the radiographs, shrunk by

@@ -443,10 +443,11 @@ def run_study(out: Path, smoke: bool = False, device: torch.device | None = None
     """The whole study: returns the Markdown report, also written (with a PNG
     plot and the raw runs as JSON) into ``out``."""
     from .. import benchmark
-    from .data import load_source, load_target
+    from .data import check_available, load_source, load_target
 
     from . import zoo
 
+    check_available()
     settings = SMOKE if smoke else FULL
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
