@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -35,6 +36,48 @@ def _lookup(table, module):
         if isinstance(module, source_type):
             return target_type
     return None
+
+
+# The AC-Norm class for the input ranks a BatchNorm accepts.
+_BY_RANKS: dict[tuple[int, ...], type[ACNorm]] = {(5,): ACNorm3d, (4,): ACNorm2d, (2, 3): ACNorm1d, (2,): ACNorm1d,
+                                                  (3,): ACNorm1d}
+
+
+def _accepted_ranks(layer: nn.Module) -> tuple[int, ...]:
+    """The input ranks (2 to 5) that ``layer._check_input_dim`` lets through."""
+    ranks = []
+    for rank in range(2, 6):
+        try:
+            layer._check_input_dim(torch.empty((1,) * rank, device="meta"))
+        except (ValueError, RuntimeError, TypeError, AssertionError, NotImplementedError):
+            continue
+        ranks.append(rank)
+    return tuple(ranks)
+
+
+def _acnorm_type_for(name: str, layer: nn.Module) -> type[ACNorm] | None:
+    """The AC-Norm class that replaces ``layer``, or None when it is no BatchNorm.
+
+    ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` (and their subclasses) map by
+    type; any other ``_BatchNorm`` subclass, as model zoos define them, by the
+    input ranks it accepts (any rank: :class:`ACNorm`), with a warning when it
+    has a ``forward`` of its own, which AC-Norm's replaces."""
+    where = name or "the model itself"
+    if isinstance(layer, nn.modules.lazy.LazyModuleMixin) and layer.has_uninitialized_params():
+        raise ValueError(f"convert_model: {where} ({type(layer).__name__}) is not initialised yet; run a "
+                         "forward first, so that its number of channels is known")
+    known = _lookup(_TO_ACNORM, layer)
+    if known is not None or not isinstance(layer, nn.modules.batchnorm._BatchNorm):
+        return known
+    ranks = _accepted_ranks(layer)
+    acnorm_type = _BY_RANKS.get(ranks, ACNorm)
+    if type(layer).forward is not nn.modules.batchnorm._BatchNorm.forward:
+        warnings.warn(
+            f"convert_model: {where} is a {type(layer).__qualname__}, a BatchNorm with a forward of its own; "
+            f"it becomes {acnorm_type.__name__}, whose forward replaces it (in eval it normalises with the "
+            "running statistics; with track_running_stats=False it uses batch statistics always)",
+            stacklevel=3)
+    return acnorm_type
 
 
 def _replace_modules(
@@ -85,7 +128,8 @@ def convert_model(
     double_update: bool = True,
     process_group: Any = None,
 ) -> nn.Module:
-    """Replace every ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm`` by AC-Norm.
+    """Replace every ``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and other
+    ``torch.nn.modules.batchnorm._BatchNorm`` subclass by AC-Norm.
 
     Each new layer gets the BatchNorm's affine as both its frozen source
     affine and its trainable target affine, the BatchNorm's running
@@ -108,8 +152,10 @@ def convert_model(
         raise ValueError(f"convert_model: exclude names no module of the model: {unknown}")
 
     def to_acnorm(name: str, layer: nn.Module) -> nn.Module | None:
-        acnorm_type = _lookup(_TO_ACNORM, layer)
-        if acnorm_type is None or _excluded(name, exclude):
+        if _excluded(name, exclude):
+            return None
+        acnorm_type = _acnorm_type_for(name, layer)
+        if acnorm_type is None:
             return None
         where = name or "the model itself"
         if not layer.affine:

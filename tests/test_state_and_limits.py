@@ -11,6 +11,7 @@ from torch import nn
 
 import acnorm_fused as acn
 from acnorm_fused.distributed import sync_ac_norm
+from acnorm_fused.modules import ACNorm
 
 from conftest import make_layer, random_input
 
@@ -111,3 +112,43 @@ def test_failed_conversion_changes_nothing():
     with pytest.raises(ValueError, match=r"convert_model: 1\.1 .*affine=False"):
         acn.convert_model(model)
     assert model[0] is good and model[1][1] is plain, "all or nothing"
+
+
+class _BatchStatisticsNorm3d(nn.modules.batchnorm._BatchNorm):
+    """As model zoos define it: derived from _BatchNorm, batch statistics always."""
+
+    def _check_input_dim(self, x):
+        if x.dim() != 5:
+            raise ValueError(f"expected 5D input (got {x.dim()}D input)")
+
+    def forward(self, x):
+        self._check_input_dim(x)
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                        True, self.momentum, self.eps)
+
+
+class _AnyRankNorm(nn.modules.batchnorm._BatchNorm):
+    """A _BatchNorm subclass that checks no rank and keeps BatchNorm's forward."""
+
+
+def test_batchnorm_subclasses_of_model_zoos_are_converted():
+    model = nn.Sequential(nn.Conv3d(1, 4, 3), _BatchStatisticsNorm3d(4), nn.ReLU(), _AnyRankNorm(4))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    with pytest.warns(UserWarning, match=r"convert_model: 1 is a _BatchStatisticsNorm3d, a BatchNorm with a "
+                                         r"forward of its own; it becomes ACNorm3d"):
+        acn.convert_model(model)
+    assert type(model[1]) is acn.ACNorm3d and type(model[3]) is ACNorm
+    assert torch.equal(model[1].weight_target, model[1].weight)
+    out = model(random_input((2, 1, 5, 5, 5), 4))
+    assert out.shape == (2, 4, 3, 3, 3)
+
+
+def test_uninitialised_lazy_batchnorm_is_an_error_not_a_skip():
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"convert_model: 1 \(LazyBatchNorm2d\) is not initialised yet; run a "
+                                         r"forward first"):
+        acn.convert_model(model)
+    model(torch.randn(2, 1, 4, 4))
+    acn.convert_model(model)
+    assert isinstance(model[1], acn.ACNorm2d) and model[1].num_features == 3
