@@ -8,6 +8,7 @@ Nothing here reads tensor values except :func:`check_finite_affines`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 
 import torch
@@ -15,6 +16,11 @@ from torch import Tensor
 
 ACTIVATIONS = ("relu", "leaky_relu")
 INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _is_number(value) -> bool:
+    """A real number, Python's or numpy's (``numbers.Real``); not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_hyperparameters(
@@ -27,19 +33,19 @@ def check_hyperparameters(
     negative_slope: float,
 ) -> None:
     """Reject hyper-parameters that would make the op meaningless."""
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+    if not (_is_number(eps) and math.isfinite(eps) and eps > 0):
         raise ValueError(f"{name}: eps must be a positive finite number, got {eps!r}")
     if momentum is not None and not (
-        isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0
+        _is_number(momentum) and 0.0 <= momentum <= 1.0
     ):
         raise ValueError(f"{name}: momentum must be in [0, 1] or None, got {momentum!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (_is_number(temperature) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{name}: temperature must be a positive finite number, got {temperature!r}")
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(
             f"{name}: activation must be None, 'relu' or 'leaky_relu', got {activation!r}"
         )
-    if not (isinstance(negative_slope, (int, float)) and math.isfinite(negative_slope)):
+    if not (_is_number(negative_slope) and math.isfinite(negative_slope)):
         raise ValueError(f"{name}: negative_slope must be a finite number, got {negative_slope!r}")
 
 

@@ -7,12 +7,13 @@ among them) would turn them back into BatchNorm and drop the target affine.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_hyperparameters
+from ._checks import check_hyperparameters, check_input
 from .backends import validate_backend_name
 from .backends.plan import LaunchPlan, plan_covers
 from .functional import checked_backend, effective_momentum, run_checked
@@ -76,20 +77,22 @@ class ACNorm(nn.Module):
                 f"{name}: affine=False is not supported; AC-Norm re-calibrates the affine "
                 "parameters and cannot exist without them (use nn.BatchNorm for affine=False)"
             )
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        if (isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral)
+                or num_features < 1):
             raise ValueError(f"{name}: num_features must be a positive int, got {num_features!r}")
         check_hyperparameters(
             name, eps=eps, momentum=momentum, temperature=temperature,
             activation=activation, negative_slope=negative_slope,
         )
         validate_backend_name(backend, name)
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.temperature = temperature
+        # Python numbers from here on (numpy scalars are welcome, as BatchNorm takes them).
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = None if momentum is None else float(momentum)
+        self.temperature = float(temperature)
         self.track_running_stats = track_running_stats
         self.activation = activation
-        self.negative_slope = negative_slope
+        self.negative_slope = float(negative_slope)
         self.backend = backend
         self.double_update = double_update
 
@@ -179,6 +182,8 @@ class ACNorm(nn.Module):
     def _forward_checked(self, x: Tensor) -> Tensor:
         """The forward with every check, building a launch plan where one applies."""
         self._check_input_dim(x)
+        if x.shape[0] == 0 and (self.training or self.running_mean is None):
+            return self._empty_batch(x)
         updates_stats = self.training and self.track_running_stats
         momentum, double_update = self._update_rule()
         use_batch_stats = self.training or self.running_mean is None
@@ -210,6 +215,18 @@ class ACNorm(nn.Module):
         if updates_stats:
             self.num_batches_tracked.add_(1)
         return out
+
+    def _empty_batch(self, x: Tensor) -> Tensor:
+        """As BatchNorm: an empty batch (N = 0) gives an empty output, and no
+        statistic moves (the checks still run: channels, dtypes, devices)."""
+        options = self._op_options()
+        check_hyperparameters(
+            options["caller"], eps=self.eps, momentum=self.momentum, temperature=self.temperature,
+            activation=self.activation, negative_slope=self.negative_slope)
+        check_input(options["caller"], x, weight=self.weight, bias=self.bias, weight_target=self.weight_target,
+                    bias_target=self.bias_target, running_mean=self.running_mean, running_var=self.running_var,
+                    training=True, synced=True)
+        return x.clone()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plans fix the settings, parameters and buffers they were built with;

@@ -152,3 +152,29 @@ def test_uninitialised_lazy_batchnorm_is_an_error_not_a_skip():
     model(torch.randn(2, 1, 4, 4))
     acn.convert_model(model)
     assert isinstance(model[1], acn.ACNorm2d) and model[1].num_features == 3
+
+
+def test_numpy_scalars_for_sizes_and_settings():
+    np = pytest.importorskip("numpy")
+    layer = acn.ACNorm2d(np.int64(4), eps=np.float32(1e-5), momentum=np.float64(0.1), temperature=np.float32(0.5))
+    assert type(layer.num_features) is int and type(layer.eps) is float and type(layer.temperature) is float
+    assert layer(random_input((2, 4, 3, 3), 1)).shape == (2, 4, 3, 3)
+    bn = nn.BatchNorm2d(np.int64(4), eps=np.float32(1e-5))
+    assert acn.convert_model(bn).num_features == 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_empty_batch_in_training_gives_an_empty_output(backend):
+    """As BatchNorm: N = 0 gives an empty output of the input's shape; the running
+    statistics and the counter stay; a wrong channel count is still an error."""
+    layer = make_layer(acn.ACNorm2d, 4, seed=5, backend=backend)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.empty(0, 4, 3, 3, requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match=r"ACNorm2d\(4\): expected input with 4 channels"):
+        layer(torch.empty(0, 3, 3, 3))
