@@ -155,6 +155,12 @@ def check_finite_affines(name: str, affines: Tensor) -> None:
     _check_host_rows(name, affines)
 
 
+def check_finite_affines_now(name: str, affines: Tensor) -> None:
+    """:func:`check_finite_affines` read at once on any device (for one-off work
+    such as folding a model or scoring a checkpoint, where waiting costs nothing)."""
+    _check_host_rows(name, affines)
+
+
 def _check_host_rows(name: str, affines: Tensor, note: str = "") -> None:
     # One reduction and one read on the fast path: a finite sum means finite
     # entries; an overflowing sum of finite entries is not an error.

@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .correlation import effective_affine
+from ._checks import check_finite_affines_now
+from .correlation import effective_affine, stack_affines
 from .functional import effective_momentum
 from .distributed import SyncACNorm
 from .modules import ACNorm, ACNorm1d, ACNorm2d, ACNorm3d
@@ -205,10 +206,13 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
     layer's update rule. The module is changed in place and returned.
     """
 
-    def to_batchnorm(_name: str, layer: nn.Module) -> nn.Module | None:
+    def to_batchnorm(name: str, layer: nn.Module) -> nn.Module | None:
         bn_type = _lookup(_TO_BATCHNORM, layer)
         if bn_type is None:
             return None
+        # A NaN affine would fold into a BatchNorm that gives NaN: refuse it, as the layer does.
+        check_finite_affines_now(f"fold_to_batchnorm: {name or 'the model itself'} ({layer._describe()})",
+                                 stack_affines(layer.weight, layer.bias, layer.weight_target, layer.bias_target))
         momentum = layer.momentum
         if momentum is not None:
             momentum = effective_momentum(momentum, layer.double_update)

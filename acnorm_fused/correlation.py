@@ -96,8 +96,25 @@ def correlation(
     entry (ties kept, so the diagonal always is) and zeroes the rest. ``S`` is
     detached: no gradient flows through it.
     """
+    _check_affine_arguments("correlation", weight, bias, weight_target, bias_target)
     affines = stack_affines(weight, bias, weight_target, bias_target)
     return correlation_from_stack(affines, eps, temperature)
+
+
+def _check_affine_arguments(caller: str, *tensors) -> None:
+    """The four affines of the public functions: tensors of one 1-D shape, one
+    floating dtype and one device."""
+    names = ("weight", "bias", "weight_target", "bias_target")
+    for name, t in zip(names, tensors):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{caller}: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 1 or t.shape != tensors[0].shape:
+            raise ValueError(f"{caller}: weight, bias, weight_target and bias_target must share one 1-D "
+                             f"shape, got {', '.join(str(tuple(x.shape)) for x in tensors)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{caller}: {name} must be a floating-point tensor, got {t.dtype}")
+        if t.device != tensors[0].device:
+            raise RuntimeError(f"{caller}: {name} is on {t.device} but weight is on {tensors[0].device}")
 
 
 def recalibrate(s: Tensor, affine_rows: Tensor) -> Tensor:
@@ -133,6 +150,8 @@ def effective_affine(
     :func:`correlation`; gradient flows to ``weight_target`` and
     ``bias_target`` only.
     """
-    s = correlation(weight, bias, weight_target, bias_target, eps, temperature)
+    _check_affine_arguments("effective_affine", weight, bias, weight_target, bias_target)
+    affines = stack_affines(weight, bias, weight_target, bias_target)
+    s = correlation_from_stack(affines, eps, temperature)
     w, b = recalibrate(s, torch.stack((weight_target, bias_target)))
     return w, b

@@ -23,6 +23,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_finite_affines_now
 from .convert import convert_model
 from .correlation import correlation
 
@@ -132,7 +133,10 @@ def ac_corr_layers(
                 f"affine of shape {tuple(affine[2].shape)}; they must be the same 1-D shape"
             )
         with torch.no_grad():
-            s = correlation(*(t.detach().float().cpu() for t in affine), eps=1e-5, temperature=1.0)
+            rows = [t.detach().float().cpu() for t in affine]
+            # A NaN affine gives a NaN score, which would rank arbitrarily.
+            check_finite_affines_now(f"ac_corr: layer {name!r}", torch.stack(rows))
+            s = correlation(*rows, eps=1e-5, temperature=1.0)
         scores[name] = float(s.sum())
     return scores
 

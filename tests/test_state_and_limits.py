@@ -178,3 +178,30 @@ def test_empty_batch_in_training_gives_an_empty_output(backend):
         assert torch.equal(value, before[key]), key
     with pytest.raises(ValueError, match=r"ACNorm2d\(4\): expected input with 4 channels"):
         layer(torch.empty(0, 3, 3, 3))
+
+
+def test_fold_and_ac_corr_refuse_non_finite_affines():
+    model = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3))
+    acn.convert_model(model)
+    pretrained = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[1].bias_target[1] = float("nan")
+    with pytest.raises(ValueError, match=r"ac_corr: layer '1': bias_target contain\(s\) NaN"):
+        acn.ac_corr(pretrained, model.state_dict())
+    with pytest.raises(ValueError, match=r"fold_to_batchnorm: 1 \(ACNorm2d\(3\)\): bias_target contain\(s\) NaN"):
+        acn.fold_to_batchnorm(model.eval())
+    assert isinstance(model[1], acn.ACNorm2d), "a refused fold changes nothing"
+
+
+@pytest.mark.parametrize("function", ["correlation", "effective_affine"])
+def test_public_correlation_functions_check_their_arguments(function):
+    call = getattr(acn, function)
+    w = torch.ones(4)
+    with pytest.raises(ValueError, match=rf"{function}: weight, bias, weight_target and bias_target must share "
+                                         r"one 1-D shape, got \(4,\), \(4,\), \(4,\), \(3,\)"):
+        call(w, w, w, torch.ones(3))
+    with pytest.raises(TypeError, match=rf"{function}: bias must be a floating-point tensor"):
+        call(w, torch.ones(4, dtype=torch.long), w, w)
+    with pytest.raises(TypeError, match=rf"{function}: weight_target must be a Tensor, got list"):
+        call(w, w, [1.0] * 4, w)
+    assert call(w, w, w, w) is not None
