@@ -149,6 +149,8 @@ def check_finite_affines(name: str, affines: Tensor) -> None:
     them returns its (NaN) output. Running statistics do not depend on the
     parameters, so nothing is corrupted meanwhile.
     """
+    if affines.is_meta:
+        return  # no values to check: shape inference, deferred initialisation
     if affines.is_cuda:
         _queue_finite_check(name, affines)
         return

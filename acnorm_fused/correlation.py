@@ -45,7 +45,7 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _full_precision(device: torch.device):
     """Autocast off for the block, when it is on (entering it costs time otherwise)."""
-    if torch.is_autocast_enabled(device.type):
+    if device.type != "meta" and torch.is_autocast_enabled(device.type):  # meta has no autocast
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 

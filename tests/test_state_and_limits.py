@@ -205,3 +205,19 @@ def test_public_correlation_functions_check_their_arguments(function):
     with pytest.raises(TypeError, match=rf"{function}: weight_target must be a Tensor, got list"):
         call(w, w, [1.0] * 4, w)
     assert call(w, w, w, w) is not None
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_forward_on_the_meta_device(backend):
+    """Shape inference and deferred initialisation: a layer on the meta device
+    runs forward and backward, training and eval, without reading any value;
+    a kernel backend that cannot take meta tensors says so, naming the layer."""
+    layer = acn.ACNorm3d(4, backend=backend).to("meta")
+    x = torch.empty(2, 4, 3, 3, 3, device="meta", requires_grad=True)
+    out = layer(x)
+    assert out.shape == x.shape and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert layer.eval()(x).shape == x.shape
+    with pytest.raises(RuntimeError, match=r"ACNorm3d\(4\): backend 'cuda' "):
+        acn.ACNorm3d(4, backend="cuda").to("meta")(x)
