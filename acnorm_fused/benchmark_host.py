@@ -17,9 +17,9 @@ GPU the operators that wait for the device (``torch.cuda.set_sync_debug_mode``).
 On a CPU it also measures what an eager step costs the host whatever the
 machine (:func:`step_costs`): the Python calls, aten operators and new
 storages of one step, and its wall time, for ``nn.BatchNorm3d`` and the
-fused layer of each backend in the same run; the ``cuda`` backend runs its
-kernels in the host emulation, or with launches that do nothing
-(:func:`noop_cuda_launches`), so that the host's share is all that is timed.
+fused layer of each backend in the same run; the kernel backends' launches
+do nothing (:func:`noop_cuda_launches`, :func:`noop_triton_launches`), so
+that the host's share is all that is timed.
 This module backs ``acnorm bench --host-profile``.
 """
 
@@ -244,21 +244,19 @@ def cost_layers(channels: int, cuda: bool, triton: bool = False) -> dict[str, nn
     return layers
 
 
-def cost_table(case: Case = COST_CASE, noop: bool = True, module=None) -> list[str]:
+def cost_table(case: Case = COST_CASE, module=None) -> list[str]:
     """The Markdown section of the host cost of one eager training step on a
-    CPU, each layer against ``nn.BatchNorm3d`` in the same run. The ``cuda``
-    row runs with no-op launches when ``noop`` (else the emulated kernels of
-    ``module``, which must be the host emulation), and is left out when no
-    compiled module is at hand."""
+    CPU, each layer against ``nn.BatchNorm3d`` in the same run. The kernel
+    backends' launches do nothing (their work is not the host's): the ``cuda``
+    row stands in for ``module`` (the installed compiled module by default)
+    and is left out when there is none; the ``triton`` row needs triton."""
     module = module if module is not None else backends.cuda_extension()
     x, grad = make_input(case, torch.device("cpu"))
     if module is None:
         context, note = contextlib.nullcontext(), "no compiled acnorm_fused._cuda: no `acnorm-cuda` row"
-    elif noop:
-        context, note = noop_cuda_launches(module), "`acnorm-cuda`: launches that do nothing"
     else:
-        context, note = backends.using_cuda_extension(module), "`acnorm-cuda`: the emulated kernels"
-    triton = noop and backends.REGISTRY["triton"].is_installed()
+        context, note = noop_cuda_launches(module), "`acnorm-cuda`: launches that do nothing"
+    triton = backends.REGISTRY["triton"].is_installed()
     if triton:
         note += "; `acnorm-triton`: launches that return before Triton's launcher"
     with context, (noop_triton_launches() if triton else contextlib.nullcontext()):
