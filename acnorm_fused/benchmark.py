@@ -525,9 +525,10 @@ def to_markdown(results: Sequence[Result], machine: str) -> str:
     return "\n".join([f"Machine: {machine}", "", *table]) + "\n"
 
 
-def write_plot(results: Sequence[Result], path: Path) -> bool:
-    """A bar chart of step time per case and layer, as PNG; False when matplotlib
-    is not installed."""
+def write_bar_chart(path: Path, labels: Sequence[str], series: dict[str, list[float]], ylabel: str,
+                    log: bool = False) -> bool:
+    """Grouped bars, one group per label and one bar per series, as PNG; False
+    when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -535,21 +536,29 @@ def write_plot(results: Sequence[Result], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = [n for n in ("reference", "compiled", "acnorm", "batchnorm") if any(n in r.samples_ms for r in results)]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(results)), 4.0))
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        heights = [statistics.median(r.samples_ms[name]) if name in r.samples_ms else math.nan for r in results]
-        ax.bar([i + k * width for i in range(len(results))], heights, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
-    ax.set_xticklabels([r.case.label() for r in results], rotation=60, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("forward + backward, ms")
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.0))
+    width = 0.8 / len(series)
+    for k, (name, heights) in enumerate(series.items()):
+        ax.bar([i + k * width for i in range(len(labels))], heights, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def write_plot(results: Sequence[Result], path: Path) -> bool:
+    """A bar chart of step time per case and layer, as PNG; False when matplotlib
+    is not installed."""
+    names = [n for n in ("reference", "compiled", "acnorm", "batchnorm") if any(n in r.samples_ms for r in results)]
+    series = {name: [statistics.median(r.samples_ms[name]) if name in r.samples_ms else math.nan for r in results]
+              for name in names}
+    return write_bar_chart(path, [r.case.label() for r in results], series, "forward + backward, ms", log=True)
 
 
 def to_json(results: Sequence[Result], machine: str) -> str:

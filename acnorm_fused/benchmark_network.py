@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .benchmark import peak_step_memory, synchronize
+from .benchmark import peak_step_memory, synchronize, write_bar_chart
 from .convert import convert_model
 from .modules import ACNorm
 
@@ -356,23 +356,6 @@ def to_json(results: Sequence[RowResult], machine: str, quick: bool) -> str:
 
 def write_plot(results: Sequence[RowResult], path: Path) -> bool:
     """Step time of each version per row, as PNG; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(results)), 4.0))
-    width = 0.8 / len(VERSIONS)
-    for k, version in enumerate(VERSIONS):
-        ax.bar([i + k * width for i in range(len(results))], [r.median_ms(version) for r in results],
-               width, label=version)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
-    ax.set_xticklabels([r.row.label() for r in results], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("training step, ms")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return write_bar_chart(path, [r.row.label() for r in results],
+                           {version: [r.median_ms(version) for r in results] for version in VERSIONS},
+                           "training step, ms")

@@ -26,11 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import check_finite_affines, check_hyperparameters, check_input, check_temperature
-from .backends import fused_backend, resolve_backend
+from ._checks import check_finite_affines
+from .backends import fused_backend
 from .backends.config import StepConfig
-from .correlation import as_dtype, compute_dtype, stack_affines
-from .functional import _dense_layout, effective_momentum
+from .correlation import as_dtype, stack_affines
+from .functional import _dense_layout, checked_backend, effective_momentum
 from .modules import ACNorm
 from .statistics import merge_moments
 
@@ -119,17 +119,9 @@ def sync_ac_norm(
     (when given) move identically on every process: twice per call with
     ``momentum`` by default, once with ``double_update=False``.
     """
-    check_hyperparameters(
-        caller, eps=eps, momentum=momentum, temperature=temperature,
-        activation=activation, negative_slope=negative_slope,
-    )
-    check_input(
-        caller, x, weight=weight, bias=bias, weight_target=weight_target,
-        bias_target=bias_target, running_mean=running_mean, running_var=running_var,
-        training=True, synced=True,
-    )
-    check_temperature(caller, temperature, compute_dtype(weight.dtype))
-    name = resolve_backend(backend, x, caller)
+    name = checked_backend(
+        x, running_mean, running_var, weight, bias, weight_target, bias_target, True, momentum, eps,
+        temperature, activation, negative_slope, backend, caller, synced=True)
     if name == "reference":
         raise ValueError(
             f"{caller}: the reference backend cannot share statistics between processes; "

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from ._checks import check_finite_affines, check_hyperparameters, check_input, check_temperature
 from .backends import resolve_backend
+from .backends.geometry import is_dense
 from .backends.reference import ac_norm_reference
 from .correlation import compute_dtype, stack_affines
 from .ops import ac_norm_forward
@@ -27,13 +28,7 @@ def effective_momentum(momentum: float, double_update: bool = True) -> float:
 
 def _dense_layout(x: Tensor) -> Tensor:
     """``x`` itself when contiguous or channels-last; a contiguous copy otherwise."""
-    if x.is_contiguous():
-        return x
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return x
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return x
-    return x.contiguous()
+    return x if is_dense(x) else x.contiguous()
 
 
 def ac_norm(
@@ -99,9 +94,12 @@ def checked_backend(
     negative_slope: float,
     backend: str,
     caller: str,
+    synced: bool = False,
 ) -> str:
     """Every check of :func:`ac_norm` but the finite affines: the concrete backend
-    that runs the call, or a clear error naming ``caller``."""
+    that runs the call, or a clear error naming ``caller``. ``synced``: as for
+    :func:`acnorm_fused._checks.check_input`, this call's batch may hold few
+    values per channel, or none."""
     if momentum is None:
         raise ValueError(
             f"{caller}: momentum must be a number; the cumulative average of momentum=None "
@@ -114,7 +112,7 @@ def checked_backend(
     check_input(
         caller, x, weight=weight, bias=bias, weight_target=weight_target,
         bias_target=bias_target, running_mean=running_mean, running_var=running_var,
-        training=training,
+        training=training, synced=synced,
     )
     check_temperature(caller, temperature, compute_dtype(weight.dtype))
     return resolve_backend(backend, x, caller)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_hyperparameters, check_input
+from ._checks import check_hyperparameters
 from .backends import validate_backend_name
 from .backends.plan import LaunchPlan, plan_covers
 from .functional import checked_backend, effective_momentum, run_checked
@@ -182,8 +182,6 @@ class ACNorm(nn.Module):
     def _forward_checked(self, x: Tensor) -> Tensor:
         """The forward with every check, building a launch plan where one applies."""
         self._check_input_dim(x)
-        if x.shape[0] == 0 and (self.training or self.running_mean is None):
-            return self._empty_batch(x)
         updates_stats = self.training and self.track_running_stats
         momentum, double_update = self._update_rule()
         use_batch_stats = self.training or self.running_mean is None
@@ -193,10 +191,15 @@ class ACNorm(nn.Module):
         params = (self.weight, self.bias, self.weight_target, self.bias_target)
         options = self._op_options()
         caller = options["caller"]
+        # As BatchNorm: an empty batch (N = 0) gives an empty output and moves no
+        # statistic; the checks but the one of values per channel still run.
+        empty_batch = use_batch_stats and x.shape[0] == 0
         backend = checked_backend(
             x, running_mean, running_var, *params, use_batch_stats, momentum, options["eps"],
             options["temperature"], options["activation"], options["negative_slope"], options["backend"],
-            caller)
+            caller, synced=empty_batch)
+        if empty_batch:
+            return x.clone()
         tensors = (*params, running_mean, running_var)
         # momentum=None moves with the counter: no fixed plan for that.
         if (not torch.compiler.is_compiling() and plan_covers(backend, x, tensors)
@@ -215,18 +218,6 @@ class ACNorm(nn.Module):
         if updates_stats:
             self.num_batches_tracked.add_(1)
         return out
-
-    def _empty_batch(self, x: Tensor) -> Tensor:
-        """As BatchNorm: an empty batch (N = 0) gives an empty output, and no
-        statistic moves (the checks still run: channels, dtypes, devices)."""
-        options = self._op_options()
-        check_hyperparameters(
-            options["caller"], eps=self.eps, momentum=self.momentum, temperature=self.temperature,
-            activation=self.activation, negative_slope=self.negative_slope)
-        check_input(options["caller"], x, weight=self.weight, bias=self.bias, weight_target=self.weight_target,
-                    bias_target=self.bias_target, running_mean=self.running_mean, running_var=self.running_var,
-                    training=True, synced=True)
-        return x.clone()
 
     def __setattr__(self, name: str, value: Any) -> None:
         # Plans fix the settings, parameters and buffers they were built with;

@@ -95,7 +95,7 @@ def test_plan_is_bit_identical_to_the_general_path(backend, shape, layout, optio
 def test_plan_is_reused_until_the_layer_changes(backend, monkeypatch):
     calls = []
     checked = modules.checked_backend
-    monkeypatch.setattr(modules, "checked_backend", lambda *a: calls.append(a) or checked(*a))
+    monkeypatch.setattr(modules, "checked_backend", lambda *a, **k: calls.append(a) or checked(*a, **k))
     layer = make_layer(acn.ACNorm2d, 3, seed=1, backend=backend).to(DEVICE)
     x = random_input((2, 3, 4, 4), 2).to(DEVICE)
     for _ in range(3):

@@ -133,6 +133,18 @@ def finalise_blocks(channels: int, num_splits: int) -> tuple[int, int]:
     return max(1, min(_next_pow2(channels), _FINALISE_TILE // split_block, 32)), split_block
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def is_dense(x: Tensor) -> bool:
+    """Contiguous, or channels-last of its rank: the layouts the kernels walk as
+    they are (any other is copied to contiguous first)."""
+    if x.is_contiguous():
+        return True
+    memory_format = _CHANNELS_LAST.get(x.dim())
+    return memory_format is not None and x.is_contiguous(memory_format=memory_format)
+
+
 def is_planar(x: Tensor) -> bool:
     """Whether ``x`` takes the planar kernels (else the interleaved ones)."""
     spatial = x.numel() // max(x.shape[0] * x.shape[1], 1)

@@ -42,21 +42,12 @@ from torch.autograd.function import once_differentiable
 from .._checks import raise_for_status
 from . import REGISTRY
 from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
-from .geometry import Geometry, geometry
+from .geometry import Geometry, geometry, is_dense
 from .multipass import on_device
 
 __all__ = ["LaunchPlan", "PlannedStep", "plan_covers"]
 
 _F32 = torch.float32
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
-
-
-def _is_dense(x: Tensor) -> bool:
-    """Contiguous, or channels-last of its rank: the layouts the kernels walk as they are."""
-    if x.is_contiguous():
-        return True
-    memory_format = _CHANNELS_LAST.get(x.dim())
-    return memory_format is not None and x.is_contiguous(memory_format=memory_format)
 
 
 def _plain(t: Tensor | None) -> bool:
@@ -66,7 +57,7 @@ def _plain(t: Tensor | None) -> bool:
 def plan_covers(backend: str, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
     """Whether a plan can run ``x`` on ``backend`` with the layer's parameters and
     buffers ``tensors`` (as :meth:`LaunchPlan.tensors_of` orders them), already checked."""
-    return (REGISTRY[backend].runs_kernels and x.numel() > 0 and _is_dense(x)
+    return (REGISTRY[backend].runs_kernels and x.numel() > 0 and is_dense(x)
             and all(_plain(t) for t in tensors))
 
 
@@ -133,7 +124,6 @@ class LaunchPlan:
     def __init__(self, backend: str, x: Tensor, tensors: tuple[Tensor | None, ...], *, caller: str,
                  batch_stats: bool, update_running: bool, counts_batches: bool, momentum: float,
                  eps: float, temperature: float, activation: str, negative_slope: float):
-        self.backend = backend
         self.caller = caller
         self.geo = geo = geometry(x)
         self.layout = _ScratchLayout(geo)
