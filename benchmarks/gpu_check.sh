@@ -76,7 +76,7 @@ if "$PY" -c 'import xdist' 2>/dev/null; then PYTEST+=(-n 6 --dist loadgroup); fi
 # (compiled for the GPU this time).
 case $STEPS in *" tests "*) run 150 "GPU tests" "${PYTEST[@]}" -m gpu tests ;; esac
 case $STEPS in *" bench "*) run 400 "benchmark table" "$PY" -m acnorm_fused.cli bench --repeats 10 --out "$OUT" ;; esac
-case $STEPS in *" profile "*) run 90 "host profile" "$PY" -m acnorm_fused.cli bench --host-profile --out "$OUT" ;; esac
+case $STEPS in *" profile "*) run 90 "host profile" "$PY" -m acnorm_fused.cli bench host --out "$OUT" ;; esac
 case $STEPS in *" network "*) run 240 "network table" "$PY" -m acnorm_fused.cli bench network --out "$OUT" ;; esac
 case $STEPS in *" kernels "*) run 90 "kernel tests on the GPU" "${PYTEST[@]}" -m interpret tests ;; esac
 

@@ -1,4 +1,4 @@
-"""The kernel audit (acnorm_fused.audit): compiled-code facts and byte counts
+"""The kernel audit (acnorm_fused.bench.audit): compiled-code facts and byte counts
 that fail on a regression, with no GPU.
 
 - Every streaming Triton kernel the dispatcher launches for a set of launches
@@ -18,7 +18,8 @@ import importlib
 
 import pytest
 
-from acnorm_fused import audit, cli
+from acnorm_fused import cli
+from acnorm_fused.bench import audit
 
 from conftest import skip_or_fail
 
@@ -115,10 +116,10 @@ def test_cli_audit_exit_status_and_files(monkeypatch, tmp_path):
 
     monkeypatch.setattr(audit, "run_audit", fake_run_audit)
     findings = []
-    assert cli.main(["bench", "--audit", "--quick", "--archs", "80,90", "--out", str(tmp_path)]) == 0
+    assert cli.main(["audit", "--quick", "--archs", "80,90", "--out", str(tmp_path)]) == 0
     assert calls == [((80, 90), True)]
     assert (tmp_path / "audit.md").read_text() == "# report\n"
     findings = ["a spill"]
-    assert cli.main(["bench", "--audit"]) == 1
+    assert cli.main(["audit"]) == 1
     with pytest.raises(SystemExit):
-        cli.main(["bench", "--audit", "--archs", "nine"])
+        cli.main(["audit", "--archs", "nine"])

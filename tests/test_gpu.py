@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import acnorm_fused as acn
-from acnorm_fused import benchmark
+from acnorm_fused.bench.cases import GPU_CHANNELS_LAST_SHAPES, GPU_SHAPES
 from acnorm_fused.correlation import effective_affine
 from acnorm_fused.functional import effective_momentum
 
@@ -110,8 +110,8 @@ def _grad_off_disputed_branches(out, expected, grad):
     return grad.masked_fill(disputed, 0)
 
 
-BENCH_CASES = [(shape, torch.contiguous_format) for shape in benchmark.GPU_SHAPES] + [
-    (shape, torch.channels_last_3d) for shape in benchmark.GPU_CHANNELS_LAST_SHAPES
+BENCH_CASES = [(shape, torch.contiguous_format) for shape in GPU_SHAPES] + [
+    (shape, torch.channels_last_3d) for shape in GPU_CHANNELS_LAST_SHAPES
 ]
 
 

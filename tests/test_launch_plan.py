@@ -17,7 +17,10 @@ import pytest
 import torch
 
 import acnorm_fused as acn
-from acnorm_fused import backends, benchmark_host, modules
+from acnorm_fused import backends, modules
+from acnorm_fused.bench import host
+from acnorm_fused.bench.cases import COST_CASE, make_input
+from acnorm_fused.bench.timing import training_step
 from acnorm_fused.backends import abi
 from acnorm_fused.backends.plan import LaunchPlan
 
@@ -213,11 +216,11 @@ def test_host_cost_of_an_eager_step_within_budget(emulated_cuda_module):
     launches doing nothing: Python calls and aten ops at most 2x, new storages
     at most 1.5x those of nn.BatchNorm3d (the project's CPU proxy for the host
     bar). Counts, not times: they are the same on every machine."""
-    x, grad = benchmark_host.make_input(benchmark_host.COST_CASE, torch.device("cpu"))
-    with benchmark_host.noop_cuda_launches(emulated_cuda_module):
-        layers = benchmark_host.cost_layers(x.shape[1], cuda=True)
-        costs = benchmark_host.step_costs(
-            {name: (lambda layer=layer: benchmark_host.training_step(layer, x, grad))
+    x, grad = make_input(COST_CASE, torch.device("cpu"))
+    with host.noop_cuda_launches(emulated_cuda_module):
+        layers = host.cost_layers(x.shape[1], cuda=True)
+        costs = host.step_costs(
+            {name: (lambda layer=layer: training_step(layer, x, grad))
              for name, layer in layers.items()}, rounds=1, per_round=1, count_steps=3)
     bn, fused = costs["batchnorm"], costs["acnorm-cuda"]
     assert fused.python_calls <= 2.0 * bn.python_calls, (fused, bn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acnorm_fused import benchmark_network
+from acnorm_fused.bench import network
 from acnorm_fused.modules import ACNorm
 
 pytest.importorskip("monai")
@@ -15,14 +15,14 @@ def test_converted_dynunet_trains_as_the_authors_formulation():
     """Five SGD steps of the quick DynUNet in float64 on the CPU: the fused
     conversion (backend torch) and the reference conversion give the same
     losses, weights and running statistics."""
-    spec = benchmark_network.NETWORKS["dynunet"]
-    versions = benchmark_network.build_versions(spec, quick=True, device=torch.device("cpu"),
+    spec = network.NETWORKS["dynunet"]
+    versions = network.build_versions(spec, quick=True, device=torch.device("cpu"),
                                                 layout="contiguous")
     fused, reference = (versions[name].double() for name in ("acnorm", "reference"))
     layers = [m for m in fused.modules() if isinstance(m, ACNorm)]
     assert layers and all(m.backend == "auto" for m in layers)
     assert any(not torch.equal(m.weight, m.weight_target) for m in layers), "targets moved off the sources"
-    x, target = benchmark_network._inputs(spec, True, torch.device("cpu"), "contiguous")
+    x, target = network._inputs(spec, True, torch.device("cpu"), "contiguous")
     x = x.double()
     losses = {}
     for name, model in (("acnorm", fused), ("reference", reference)):
@@ -43,12 +43,12 @@ def test_converted_dynunet_trains_as_the_authors_formulation():
 
 def test_rows_cover_the_requested_combinations():
     cpu = torch.device("cpu")
-    quick = benchmark_network.default_rows(cpu, quick=True)
+    quick = network.default_rows(cpu, quick=True)
     assert {r.dtype for r in quick} == {"float32"} and {r.mode for r in quick} == {"eager"}
     assert {(r.network, r.layout) for r in quick} == {
         ("dynunet", "contiguous"), ("dynunet", "channels_last"), ("resnet3d", "contiguous"),
         ("resnet3d", "channels_last"), ("resnet50-2d", "contiguous")}, "channels-last for 3D networks only"
-    rows = benchmark_network.default_rows(cpu, quick=False, networks=["dynunet"], dtypes=["bfloat16"],
+    rows = network.default_rows(cpu, quick=False, networks=["dynunet"], dtypes=["bfloat16"],
                                           layouts=["contiguous"], modes=["eager", "compile-reduce-overhead"])
-    assert rows == [benchmark_network.Row("dynunet", "bfloat16", "contiguous", "eager")], "no CUDA graphs on a CPU"
-    assert benchmark_network.default_rows(torch.device("cuda"), quick=False) == list(benchmark_network.GPU_ROWS)
+    assert rows == [network.Row("dynunet", "bfloat16", "contiguous", "eager")], "no CUDA graphs on a CPU"
+    assert network.default_rows(torch.device("cuda"), quick=False) == list(network.GPU_ROWS)

@@ -442,7 +442,7 @@ def run_study(out: Path, smoke: bool = False, device: torch.device | None = None
               progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> str:
     """The whole study: returns the Markdown report, also written (with a PNG
     plot and the raw runs as JSON) into ``out``."""
-    from .. import benchmark
+    from ..bench.timing import machine_description
     from .data import check_available, load_source, load_target
 
     from . import zoo
@@ -455,7 +455,7 @@ def run_study(out: Path, smoke: bool = False, device: torch.device | None = None
     source, target = load_source(), load_target()
     runs = finetune_all(source, target, settings, out / "cache", device, progress=progress)
     zoo_runs = zoo.transferability_runs(source, target, settings, out / "cache", device, progress=progress)
-    report = (to_markdown(runs, settings, benchmark.machine_description(device), time.perf_counter() - start)
+    report = (to_markdown(runs, settings, machine_description(device), time.perf_counter() - start)
               + "\n" + zoo.to_markdown(zoo_runs, settings))
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.md").write_text(report)

@@ -36,8 +36,8 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from . import benchmark
-from .backends.config import StepConfig
+from ..backends.config import StepConfig
+from .cases import AUDIT_QUICK_CASES, AUDIT_TRAFFIC_CASES, GPU_CHANNELS_LAST_SHAPES, GPU_SHAPES
 
 # The GPU the launch heuristics are sized for in the audit: an H100 SXM.
 MULTIPROCESSORS = 132
@@ -124,7 +124,7 @@ class KernelFacts:
 
 
 def _kernels() -> list:
-    from .backends.triton import KERNELS
+    from ..backends.triton import KERNELS
 
     return list(KERNELS)
 
@@ -133,7 +133,7 @@ def _kernels() -> list:
 def recording(case: str, launches: list[Launch], multiprocessors: int = MULTIPROCESSORS) -> Iterator[None]:
     """Record the Triton launches made inside the block instead of running them,
     with the launch heuristics sized for ``multiprocessors``."""
-    from .backends import geometry
+    from ..backends import geometry
 
     kernels = _kernels()
     saved_count = geometry._worker_count
@@ -179,7 +179,7 @@ def run_steps(backend, x, affines, running, activation: str, around: Callable = 
 def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch]:
     """The kernel launches of one training step and one eval forward on ``shape``
     (meta tensors: nothing is allocated or run)."""
-    from .backends import fused_backend
+    from ..backends import fused_backend
 
     triton_backend = fused_backend("triton")
 
@@ -195,8 +195,8 @@ def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch
 def _planned_finalise(kernels, x: torch.Tensor, affines: torch.Tensor, running: tuple) -> None:
     """The forward finalise as a launch plan runs it (acnorm_fused.backends.plan):
     the affines checked into a status word, the running statistics moved in place."""
-    from .backends.abi import AUX_ROWS
-    from .backends.geometry import geometry
+    from ..backends.abi import AUX_ROWS
+    from ..backends.geometry import geometry
 
     geo = geometry(x)
     stats = [x.new_empty((geo.c,), dtype=torch.float32) for _ in range(2)]
@@ -210,8 +210,8 @@ def _planned_finalise(kernels, x: torch.Tensor, affines: torch.Tensor, running: 
 def default_launches(dtypes: Sequence[str] = DTYPES, activations: Sequence[str] = ACTIVATIONS) -> list[Launch]:
     """Every launch of the DESIGN section 6 shapes (both layouts where the
     benchmark table has them), over ``dtypes`` and ``activations``."""
-    cases = [(s, "contiguous") for s in benchmark.GPU_SHAPES]
-    cases += [(s, "channels_last") for s in benchmark.GPU_CHANNELS_LAST_SHAPES]
+    cases = [(s, "contiguous") for s in GPU_SHAPES]
+    cases += [(s, "channels_last") for s in GPU_CHANNELS_LAST_SHAPES]
     return [launch for shape, layout in cases for dtype in dtypes for activation in activations
             for launch in launches_for(shape, dtype, layout, activation)]
 
@@ -417,10 +417,10 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
     tensor of ``shape``, run by the Triton kernels in the interpreter. The
     streamed tensors are x, dy and the op's output (known once it returns;
     every buffer of the op stays alive until then, so no address is reused)."""
-    from .backends import fused_backend
+    from ..backends import fused_backend
 
     triton_backend = fused_backend("triton")
-    from .backends.geometry import geometry
+    from ..backends.geometry import geometry
 
     x, affines, running = _case_tensors(shape, dtype, layout, "cpu")
     x.normal_()
@@ -439,18 +439,6 @@ def measure_traffic(shape, dtype: str, layout: str, activation: str = "relu") ->
 
     run_steps(triton_backend, x, affines, running, activation, around=measured)
     return results
-
-
-# Small inputs that take the same code paths as the large ones: planar with
-# several splits per channel, interleaved, every dtype; under the interpreter
-# the launch heuristics see two multiprocessors.
-TRAFFIC_CASES = (
-    ((2, 4, 8, 8, 16), "float32", "contiguous"),
-    ((2, 4, 8, 8, 16), "bfloat16", "contiguous"),
-    ((2, 16, 4, 4, 8), "float32", "channels_last"),
-    ((2, 16, 4, 4, 8), "float16", "channels_last"),
-    ((3, 5, 7, 6, 5), "float32", "contiguous"),
-)
 
 
 def cuda_module_facts(path: str | Path) -> list[dict]:
@@ -514,7 +502,7 @@ def cuda_findings(facts: Sequence[dict]) -> list[str]:
 def _static_main(archs: Sequence[int], quick: bool) -> None:
     """Subprocess entry (TRITON_INTERPRET unset): the compiled facts as JSON on stdout."""
     if quick:
-        launches = [launch for shape, dtype, layout, activation in QUICK_CASES
+        launches = [launch for shape, dtype, layout, activation in AUDIT_QUICK_CASES
                     for launch in launches_for(shape, dtype, layout, activation)]
     else:
         launches = default_launches()
@@ -525,17 +513,9 @@ def _static_main(archs: Sequence[int], quick: bool) -> None:
 
 def _traffic_main() -> None:
     """Subprocess entry (TRITON_INTERPRET=1): the byte counts as JSON on stdout."""
-    results = [t for case in TRAFFIC_CASES for t in measure_traffic(*case)]
+    results = [t for case in AUDIT_TRAFFIC_CASES for t in measure_traffic(*case)]
     print(json.dumps([t.__dict__ | {"per_element": t.per_element, "excess": t.excess(),
                                     "allowance": t.allowance(), "findings": t.findings()} for t in results]))
-
-
-# One launch set per layout, dtype and kernel family, for a fast check (tests).
-QUICK_CASES = (
-    ((2, 32, 128, 128, 128), "bfloat16", "contiguous", "relu"),
-    ((2, 64, 64, 64, 64), "float32", "channels_last", "leaky_relu"),
-    ((2, 320, 8, 8, 8), "float16", "contiguous", ""),
-)
 
 
 def run_part(part: str, *args: str) -> list[dict]:
@@ -544,7 +524,7 @@ def run_part(part: str, *args: str) -> list[dict]:
         raise RuntimeError(reason)
     env = dict(os.environ, TRITON_INTERPRET="1" if part == "traffic" else "0")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton's notice
-    call = f"import acnorm_fused.audit as a; a._{part}_main({', '.join(args)})"
+    call = f"import acnorm_fused.bench.audit as a; a._{part}_main({', '.join(args)})"
     done = subprocess.run([sys.executable, "-c", call], env=env, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the {part} part of the audit failed (exit {done.returncode})")

@@ -3,10 +3,10 @@
 Each of ``world_size`` processes runs, on its own batch, one training step of
 ``SyncACNorm`` (statistics over all processes: one all_gather forward, one
 all_reduce backward), of ``ACNorm3d`` (its own statistics) and of
-``nn.BatchNorm3d``, interleaved as in :func:`acnorm_fused.benchmark.time_interleaved`;
+``nn.BatchNorm3d``, interleaved as in :func:`acnorm_fused.bench.timing.time_interleaved`;
 rank 0 reports its times. ``nn.SyncBatchNorm`` is tried too: PyTorch runs it
 on GPUs only, and the table says so when it refuses. This module backs
-``acnorm bench --sync-processes N``.
+``acnorm bench sync --processes N``.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from .benchmark import Case, make_input, reuse_freed_memory, time_interleaved, training_step
-from .distributed import SyncACNorm
-from .modules import ACNorm3d
+from ..distributed import SyncACNorm
+from ..modules import ACNorm3d
+from .cases import Case, make_input
+from .timing import reuse_freed_memory, time_interleaved, training_step
 
 LAYERS = ("syncacnorm", "acnorm", "batchnorm", "syncbatchnorm")
 
@@ -101,7 +102,7 @@ def run_sync(
 ) -> list[SyncResult]:
     """Time the layers in ``world_size`` gloo processes sharing this machine's
     cores; ``case.shape`` is the batch of each process. ``reuse_memory``: as
-    :func:`acnorm_fused.benchmark.reuse_freed_memory`, in every process."""
+    :func:`acnorm_fused.bench.timing.reuse_freed_memory`, in every process."""
     threads = threads_per_process(world_size)
     with tempfile.TemporaryDirectory() as tmp:
         out_file = str(Path(tmp) / "results.json")

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .benchmark import peak_step_memory, synchronize, write_bar_chart
-from .convert import convert_model
-from .modules import ACNorm
+from ..convert import convert_model
+from ..modules import ACNorm
+from .output import write_bar_chart
+from .timing import peak_step_memory, quiet_profiler, synchronize
 
 VERSIONS = ("batchnorm", "acnorm", "reference")
 MODES = ("eager", "compile", "compile-reduce-overhead")
@@ -251,7 +252,7 @@ def _norm_share(step: Callable[[], None], device: torch.device) -> float | None:
     from torch.profiler import ProfilerActivity, profile
 
     try:
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with quiet_profiler(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             synchronize(device)
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]

@@ -1,4 +1,4 @@
-"""Side-by-side benchmark of AC-Norm against the authors' formulation and BatchNorm.
+"""The per-layer table (``acnorm bench``): AC-Norm against the authors' formulation and BatchNorm. against the authors' formulation and BatchNorm.
 
 One training step (forward and backward) of three layers on the same input:
 the reference backend (the authors' two-BatchNorm formulation), the fused
@@ -12,20 +12,17 @@ every run; CUDA graphs for launch-bound shapes) and reports the bandwidth the
 fused step reaches against a device-to-device copy measured in the same run;
 the fused and BatchNorm steps are also replayed from a CUDA graph, which
 takes the host's share (Python, launches) out of their times.
-This module backs ``acnorm bench`` and the pytest-benchmark suite.
+This module backs ``acnorm bench`` and the pytest-benchmark suite
+(``benchmarks/``).
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
-import ctypes.util
-import math
 import json
-import platform
+import math
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,27 +30,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .backends import available_backends, resolve_backend
-from .modules import ACNorm3d
-
-Shape = tuple[int, int, int, int, int]
-
-# 3D shapes of real medical networks (nnU-Net stages, Models Genesis, a large
-# volume with few channels, launch-bound deep layers), for GPUs.
-GPU_SHAPES: tuple[Shape, ...] = (
-    (2, 32, 128, 128, 128),
-    (2, 32, 112, 112, 112),
-    (2, 64, 64, 64, 64),
-    (2, 128, 32, 32, 32),
-    (2, 256, 16, 16, 16),
-    (2, 320, 8, 8, 8),
-    (6, 64, 64, 64, 32),
-    (1, 16, 224, 224, 144),
-)
-GPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 128, 128, 128), (2, 64, 64, 64, 64))
-# Smaller 3D shapes that a CPU runs in seconds; the first is the CPU bar's shape.
-CPU_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32), (2, 64, 16, 16, 16), (2, 16, 48, 48, 48))
-CPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32),)
+from ..backends import available_backends, resolve_backend
+from ..modules import ACNorm3d
+from .cases import Case, make_input
+from .output import write_bar_chart
+from .timing import captures, graph_replay_ms, peak_step_memory, time_interleaved, training_step
 
 IMPLEMENTATIONS = ("reference", "acnorm", "batchnorm")
 # Fused GPU backends; on a GPU the one ``auto`` does not pick is timed too.
@@ -68,18 +49,6 @@ GRAPH_LAYERS = ("acnorm", "batchnorm")
 # units of the element size: the forward reads x twice and writes y (3); the
 # backward reads x and dy for the sums, again for dx, and writes dx (5).
 MIN_STEP_TRAFFIC = 3 + 5
-
-
-@dataclass(frozen=True)
-class Case:
-    """One benchmark configuration."""
-
-    shape: Shape
-    dtype: str = "float32"
-    layout: str = "contiguous"  # or "channels_last"
-
-    def label(self) -> str:
-        return f"{'x'.join(map(str, self.shape))} {self.dtype} {self.layout}"
 
 
 @dataclass
@@ -161,41 +130,6 @@ class Result:
         return self.peak_bytes["acnorm"] / max(self.peak_bytes["batchnorm"], 1)
 
 
-def default_cases(device: torch.device) -> list[Case]:
-    """The medical 3D shapes on a GPU, smaller 3D shapes on a CPU; fp32 and bf16 each."""
-    if device.type == "cuda":
-        shapes, cl_shapes = GPU_SHAPES, GPU_CHANNELS_LAST_SHAPES
-    else:
-        shapes, cl_shapes = CPU_SHAPES, CPU_CHANNELS_LAST_SHAPES
-    cases = []
-    for dtype in ("float32", "bfloat16"):
-        cases += [Case(shape, dtype) for shape in shapes]
-        cases += [Case(shape, dtype, "channels_last") for shape in cl_shapes]
-    return cases
-
-
-def reuse_freed_memory() -> bool:
-    """Make glibc keep freed blocks up to 32 MiB for reuse instead of unmapping them.
-
-    With the default settings every step of a CPU benchmark maps its large
-    tensors afresh and pays a page fault per 4 KiB page, which on a virtual
-    machine costs about as much as the BatchNorm itself and varies run to
-    run. A caching allocator (PyTorch's on GPUs, jemalloc or tcmalloc on CPUs)
-    avoids that; this does the same for all three layers alike. Returns
-    whether the setting took effect (glibc only).
-    """
-    name = ctypes.util.find_library("c")
-    if platform.system() != "Linux" or name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt"):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    largest_cached = 32 * 1024 * 1024  # glibc's upper bound for the mmap threshold
-    ok = libc.mallopt(m_mmap_threshold, largest_cached) == 1
-    return ok and libc.mallopt(m_trim_threshold, 4 * largest_cached) == 1
-
-
 def other_kernel_backends(x: torch.Tensor) -> list[str]:
     """The kernel backends that can run ``x`` besides the one ``auto`` picks,
     to be timed beside it."""
@@ -227,72 +161,6 @@ def make_layers(channels: int, device: torch.device, seed: int = 0,
     return {name: layer.to(device).train() for name, layer in layers.items()}
 
 
-def make_input(case: Case, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input (requiring grad, as inside a network) and output gradient for ``case``."""
-    generator = torch.Generator().manual_seed(seed)
-    dtype = getattr(torch, case.dtype)
-    x = (3.0 + 2.0 * torch.randn(case.shape, generator=generator)).to(device, dtype)
-    grad = torch.randn(case.shape, generator=generator).to(device, dtype)
-    if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        grad = grad.contiguous(memory_format=torch.channels_last_3d)
-    return x.requires_grad_(), grad
-
-
-def training_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
-    """Forward and backward of ``layer`` on ``x``; gradients are dropped."""
-    layer(x).backward(grad)
-    x.grad = None
-    for p in layer.parameters():
-        p.grad = None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (nothing to wait for on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Wall times in ms of each step, the steps run in turn ``repeats`` times."""
-    for _ in range(warmup):
-        for step in steps.values():
-            step()
-    synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return samples
-
-
-def peak_step_memory(step: Callable[[], None], device: torch.device) -> int:
-    """Bytes allocated at the peak of ``step`` beyond what was live before it."""
-    if device.type == "cuda":
-        synchronize(device)
-        base = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
-
-
 def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Result:
     """Benchmark the three layers on one case (wall clock, for CPUs)."""
     x, grad = make_input(case, device)
@@ -302,48 +170,6 @@ def run_case(case: Case, device: torch.device, repeats: int, warmup: int) -> Res
     result.samples_ms = time_interleaved(steps, device, repeats, warmup)
     result.peak_bytes = {name: peak_step_memory(step, device) for name, step in steps.items()}
     return result
-
-
-def capture_graph(step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
-    """``step`` captured into a CUDA graph (after one run on a side stream to warm
-    it up), or None when it cannot be captured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    try:
-        with torch.cuda.stream(stream):
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-        graph.replay()
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
-        return graph
-    except Exception:  # noqa: BLE001 - any capture failure means "time it eagerly"
-        torch.cuda.synchronize()
-        return None
-
-
-def _captures(step: Callable[[], None]) -> bool:
-    """Whether ``step`` can be captured into a CUDA graph (and run from it)."""
-    return capture_graph(step) is not None
-
-
-def graph_replay_ms(step: Callable[[], None], repeats: int) -> float | None:
-    """Median GPU time in ms of ``step`` replayed from a CUDA graph, ``repeats``
-    replays, or None when it cannot be captured."""
-    graph = capture_graph(step)
-    if graph is None:
-        return None
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, compile_reference: bool) -> Result:
@@ -369,7 +195,7 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
     forwards = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
     for fn in (*steps.values(), *forwards.values()):
         fn()  # compile, warm caches
-    graph = x.numel() <= GRAPH_MAX_NUMEL and all(_captures(fn) for fn in (*steps.values(), *forwards.values()))
+    graph = x.numel() <= GRAPH_MAX_NUMEL and all(captures(fn) for fn in (*steps.values(), *forwards.values()))
     if graph:
         def timer(fn):
             # do_bench_cudagraph replays its graph of ``rep`` ms ten times.
@@ -429,21 +255,6 @@ def run(
         if on_result is not None:
             on_result(results)
     return results
-
-
-def machine_description(device: torch.device) -> str:
-    """One line naming the machine the numbers come from."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _cpu_table(results: Sequence[Result]) -> list[str]:
@@ -523,33 +334,6 @@ def to_markdown(results: Sequence[Result], machine: str) -> str:
     on_gpu = any(r.forward_samples_ms for r in results)
     table = _gpu_table(results) if on_gpu else _cpu_table(results)
     return "\n".join([f"Machine: {machine}", "", *table]) + "\n"
-
-
-def write_bar_chart(path: Path, labels: Sequence[str], series: dict[str, list[float]], ylabel: str,
-                    log: bool = False) -> bool:
-    """Grouped bars, one group per label and one bar per series, as PNG; False
-    when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.0))
-    width = 0.8 / len(series)
-    for k, (name, heights) in enumerate(series.items()):
-        ax.bar([i + k * width for i in range(len(labels))], heights, width, label=name)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))])
-    ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
-    if log:
-        ax.set_yscale("log")
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def write_plot(results: Sequence[Result], path: Path) -> bool:

@@ -20,7 +20,7 @@ storages of one step, and its wall time, for ``nn.BatchNorm3d`` and the
 fused layer of each backend in the same run; the kernel backends' launches
 do nothing (:func:`noop_cuda_launches`, :func:`noop_triton_launches`), so
 that the host's share is all that is timed.
-This module backs ``acnorm bench --host-profile``.
+This module backs ``acnorm bench host``.
 """
 
 from __future__ import annotations
@@ -41,24 +41,16 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from . import backends
-from .backends.cuda import LAUNCHES
-from .modules import ACNorm3d
+from .. import backends
+from ..backends.cuda import LAUNCHES
+from ..modules import ACNorm3d
+from .cases import COST_CASE, Case, make_input
+from .layer import make_layers, other_kernel_backends
+from .timing import graph_replay_ms, quiet_profiler, synchronize, training_step
 
-from .benchmark import (Case, graph_replay_ms, make_input, make_layers, other_kernel_backends, synchronize,
-                        training_step)
-
-# Launch-bound cases (most of their eager step is host time) and one large
-# case for contrast, on a GPU; the CPU bar's shape on a CPU.
-GPU_CASES = (Case((2, 128, 32, 32, 32)), Case((2, 320, 8, 8, 8)), Case((2, 128, 32, 32, 32), "bfloat16"),
-             Case((2, 32, 128, 128, 128)))
-CPU_CASES = (Case((2, 32, 32, 32, 32)),)
 # Functions listed from cProfile, by own time: enough to reach the op's own
 # thin layers (functional.py, ops.py), which each take little.
 PROFILE_ROWS = 60
-# The step whose host cost is counted on a CPU: small enough that the kernels'
-# work is negligible next to the path to them.
-COST_CASE = Case((2, 64, 4, 4, 4))
 
 
 def _medians(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
@@ -91,7 +83,7 @@ def _operator_profile(step: Callable[[], None], device: torch.device, steps: int
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with quiet_profiler(), profile(activities=activities) as prof:
         for _ in range(steps):
             step()
         synchronize(device)
@@ -176,7 +168,7 @@ def noop_triton_launches() -> Iterator[None]:
     """Within the block, ``backend="triton"`` runs on CPU tensors and its kernel
     launches return at once, before Triton's own launcher binds their
     arguments: the host's path up to the launches, without Triton's share."""
-    from .backends.triton import KERNELS
+    from ..backends.triton import KERNELS
 
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # read per call: the triton backend then takes CPU tensors
