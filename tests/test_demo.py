@@ -13,8 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from acnorm_fused import cli
+
+pytest.importorskip("numpy", reason="the demo needs numpy: pip install 'acnorm-fused[demo]'")
+
 from acnorm_fused.correlation import affinity_from_stack, stack_affines
-from acnorm_fused.demo import data, study, zoo
+from acnorm_fused.demo import data, study, training, zoo
 from acnorm_fused.modules import ACNorm2d
 
 from conftest import make_affines, random_input
@@ -33,11 +36,11 @@ def test_dice_averages_the_present_foreground_classes():
     labels = torch.tensor([0, 1, 1, 2, 2, 0])
     guess = torch.tensor([0, 1, 0, 2, 2, 2])
     # class 1: 2*1/(1+2); class 2: 2*2/(3+2); class 3 absent
-    assert study.dice(guess, labels, 4) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert training.dice(guess, labels, 4) == pytest.approx((2 / 3 + 4 / 5) / 2)
 
 
 def _control(kind):
-    layer = study.ControlNorm2d(5, kind, temperature=0.7)
+    layer = training.ControlNorm2d(5, kind, temperature=0.7)
     with torch.no_grad():
         for name, value in zip(("weight", "bias", "weight_target", "bias_target"), make_affines(5, 3)):
             getattr(layer, name).copy_(value)
@@ -65,30 +68,31 @@ def test_dense_control_uses_the_unsparsified_correlation():
 
 
 def test_each_method_gets_its_model_and_the_seed_s_head():
-    pretrained = study.UNet(3, width=4)
+    pretrained = training.UNet(3, width=4)
     heads = {}
-    for method in study.METHODS:
-        model = study.prepare(method, pretrained, classes=8, width=4, seed=7)
+    for method in training.METHODS:
+        model = training.prepare(method, pretrained, classes=8, width=4, seed=7)
         heads[method] = model.head.weight.detach()
         norms = [type(m) for m in model.modules() if isinstance(m, (torch.nn.BatchNorm2d, ACNorm2d))]
         if method.startswith("acnorm-"):
             assert set(norms) == {ACNorm2d}
             assert all(m.temperature == float(method[8:]) for m in model.modules() if isinstance(m, ACNorm2d))
         elif method.endswith("-S"):
-            assert set(norms) == {study.ControlNorm2d}
-            assert {m.kind for m in model.modules() if isinstance(m, study.ControlNorm2d)} == {method[:-2]}
+            assert set(norms) == {training.ControlNorm2d}
+            assert {m.kind for m in model.modules() if isinstance(m, training.ControlNorm2d)} == {method[:-2]}
         else:
             assert set(norms) == {torch.nn.BatchNorm2d}
         if method != "scratch":
             torch.testing.assert_close(model.enc1[0].weight, pretrained.enc1[0].weight)
-    for method in study.METHODS:
+    for method in training.METHODS:
         torch.testing.assert_close(heads[method], heads["vanilla"])
     with pytest.raises(ValueError, match="unknown method"):
-        study.prepare("fancy", pretrained, 8, 4, 0)
+        training.prepare("fancy", pretrained, 8, 4, 0)
 
 
 def test_paired_statistics_and_the_finding_say_what_happened():
-    runs = [study.Run(m, s, d, 0.01) for s, ds in enumerate([(0.60, 0.64, 0.66), (0.62, 0.65, 0.69),
+    pytest.importorskip("scipy", reason="the paired t-test needs scipy: pip install 'acnorm-fused[demo]'")
+    runs = [training.Run(m, s, d, 0.01) for s, ds in enumerate([(0.60, 0.64, 0.66), (0.62, 0.65, 0.69),
                                                                (0.58, 0.61, 0.65)])
             for m, d in zip(("vanilla", "acnorm-T1", "identity-S"), ds)]
     rows = {r["method"]: r for r in study.summary(runs)}
@@ -150,7 +154,7 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
         pytest.skip(str(error))
     assert cli.main(["demo", "--smoke", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "demo.md").read_text()
-    for method in study.METHODS:
+    for method in training.METHODS:
         assert f"| {method} |" in report
     assert "**Finding.**" in report and (tmp_path / "demo.json").is_file()
     assert list((tmp_path / "cache").glob("source-unet-*.pt"))

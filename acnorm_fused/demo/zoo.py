@@ -35,8 +35,8 @@ from torch import nn
 
 from ..transferability import ac_corr
 from .data import Domain, load_xray_crops
-from .study import (Settings, UNet, axial_slices, cached_model, draw_batches, finetune, pretrained_source,
-                    pyplot, target_split)
+from .training import (Settings, UNet, axial_slices, cached_model, draw_batches, finetune, pretrained_source,
+                       pyplot, target_split)
 
 SOURCES = ("tissue", "restoration-T1", "restoration-xray", "random")
 # Radiograph crops the X-ray restoration model trains on.
