@@ -21,7 +21,7 @@ import pytest
 from acnorm_fused import cli
 from acnorm_fused.bench import audit
 
-from conftest import skip_or_fail
+from helpers import skip_or_fail
 
 pytest.importorskip("triton")
 

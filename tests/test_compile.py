@@ -10,7 +10,7 @@ from torch import nn
 
 import acnorm_fused as acn
 
-from conftest import make_affines, make_layer, random_input
+from helpers import make_affines, make_layer, random_input
 
 
 def _op_args(x, training=True, stats=True, activation="", dtype=torch.float32):

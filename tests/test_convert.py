@@ -11,7 +11,7 @@ from torch import nn
 import acnorm_fused as acn
 from acnorm_fused.modules import ACNorm
 
-from conftest import random_input
+from helpers import random_input
 
 
 def _block(cin, cout):

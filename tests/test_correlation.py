@@ -8,7 +8,7 @@ import torch
 import acnorm_fused as acn
 from acnorm_fused.correlation import recalibrate_grad
 
-from conftest import hand_correlation, make_affines
+from helpers import hand_correlation, make_affines
 
 
 @pytest.mark.parametrize("channels", [1, 2, 7, 32])

@@ -20,7 +20,7 @@ from acnorm_fused.correlation import affinity_from_stack, stack_affines
 from acnorm_fused.demo import data, study, training, zoo
 from acnorm_fused.modules import ACNorm2d
 
-from conftest import make_affines, random_input
+from helpers import make_affines, random_input
 
 
 @pytest.mark.parametrize("name,lobe", [

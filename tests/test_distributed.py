@@ -21,7 +21,7 @@ from torch import nn
 import acnorm_fused as acn
 from acnorm_fused.modules import ACNorm
 
-from conftest import assert_close, make_layer, random_input
+from helpers import assert_close, make_layer, random_input
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -11,7 +11,7 @@ import acnorm_fused as acn
 from acnorm_fused import backends
 from acnorm_fused.backends import resolve_backend
 
-from conftest import make_layer, random_input
+from helpers import make_layer, random_input
 
 
 def _snapshot(layer):

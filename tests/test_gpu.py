@@ -17,7 +17,7 @@ from acnorm_fused.bench.cases import GPU_CHANNELS_LAST_SHAPES, GPU_SHAPES
 from acnorm_fused.correlation import effective_affine
 from acnorm_fused.functional import effective_momentum
 
-from conftest import assert_close, make_layer, random_input
+from helpers import assert_close, make_layer, random_input
 
 pytestmark = pytest.mark.gpu
 

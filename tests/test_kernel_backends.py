@@ -25,7 +25,7 @@ from acnorm_fused.backends import resolve_backend
 from acnorm_fused.correlation import effective_affine
 from acnorm_fused.functional import effective_momentum
 
-from conftest import assert_close, make_affines, make_layer, random_input
+from helpers import assert_close, make_affines, make_layer, random_input
 
 pytestmark = pytest.mark.interpret
 

@@ -24,7 +24,7 @@ from acnorm_fused.bench.timing import training_step
 from acnorm_fused.backends import abi
 from acnorm_fused.backends.plan import LaunchPlan
 
-from conftest import make_layer, random_input
+from helpers import make_layer, random_input
 
 pytestmark = pytest.mark.interpret
 

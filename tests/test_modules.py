@@ -8,7 +8,7 @@ from torch import nn
 
 import acnorm_fused as acn
 
-from conftest import make_layer, random_input
+from helpers import make_layer, random_input
 
 
 def _trained_bn(channels=6, seed=0):

@@ -1,4 +1,4 @@
-"""Property-based: ``ac_norm`` against the float64 hand model of conftest over
+"""Property-based: ``ac_norm`` against the float64 hand model of helpers.py over
 random shapes (ranks 2 to 5, odd sizes), dtypes, layouts, activations,
 temperatures and train/eval. Derandomised, with a small example budget, so
 that CI sees the same examples every run."""
@@ -13,7 +13,7 @@ import torch
 import acnorm_fused as acn
 from acnorm_fused.backends.activation import apply_activation
 
-from conftest import TOLERANCES, hand_ac_norm, make_affines, random_input
+from helpers import TOLERANCES, hand_ac_norm, make_affines, random_input
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402

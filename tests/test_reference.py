@@ -8,7 +8,7 @@ import torch
 import acnorm_fused as acn
 from acnorm_fused.functional import effective_momentum
 
-from conftest import hand_ac_norm, hand_correlation, make_affines, random_input
+from helpers import hand_ac_norm, hand_correlation, make_affines, random_input
 
 SHAPES = [(5, 3), (2, 4, 7), (2, 3, 4, 5), (2, 3, 3, 4, 5)]
 

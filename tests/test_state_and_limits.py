@@ -13,7 +13,7 @@ import acnorm_fused as acn
 from acnorm_fused.distributed import sync_ac_norm
 from acnorm_fused.modules import ACNorm
 
-from conftest import make_layer, random_input
+from helpers import make_layer, random_input
 
 
 def _bn_checkpoint(channels: int) -> dict:

@@ -11,7 +11,7 @@ import acnorm_fused as acn
 from acnorm_fused.backends import pytorch as pytorch_backend
 from acnorm_fused.functional import effective_momentum
 
-from conftest import assert_close, make_affines, make_layer, random_input
+from helpers import assert_close, make_affines, make_layer, random_input
 
 SHAPES = [(6, 3), (2, 4, 7), (2, 3, 5, 6), (2, 3, 3, 4, 5)]
 

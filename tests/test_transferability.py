@@ -12,7 +12,7 @@ import acnorm_fused as acn
 from acnorm_fused.cli import main
 from acnorm_fused.transferability import load_checkpoint, rank, rank_checkpoints
 
-from conftest import hand_correlation, make_affines
+from helpers import hand_correlation, make_affines
 
 LAYERS = {"enc.bn": 5, "dec.bn": 3}
 
