@@ -11,8 +11,8 @@ from torch import nn
 
 from ._checks import check_finite_affines_now
 from .correlation import effective_affine, stack_affines
-from .functional import effective_momentum
 from .distributed import SyncACNorm
+from .functional import effective_momentum
 from .modules import ACNorm, ACNorm1d, ACNorm2d, ACNorm3d
 
 __all__ = ["convert_model", "fold_to_batchnorm"]
@@ -201,9 +201,10 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
     and exports (TorchScript, ONNX, ``torch.export``) without any custom op.
     ``ACNorm1d/2d/3d`` become ``BatchNorm1d/2d/3d``; the any-rank ``ACNorm``
     and ``SyncACNorm`` become ``SyncBatchNorm`` (which is a plain BatchNorm
-    outside distributed training; it keeps a ``SyncACNorm``'s process group). A fused activation becomes ``nn.Sequential(bn,
-    activation)``. The momentum becomes the one-update equivalent of the
-    layer's update rule. The module is changed in place and returned.
+    outside distributed training; it keeps a ``SyncACNorm``'s process group).
+    A fused activation becomes ``nn.Sequential(bn, activation)``. The momentum
+    becomes the one-update equivalent of the layer's update rule. The module is
+    changed in place and returned.
     """
 
     def to_batchnorm(name: str, layer: nn.Module) -> nn.Module | None:

@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from .correlation import correlation
 __all__ = ["ac_corr", "ac_corr_layers", "load_checkpoint", "rank", "rank_checkpoints", "Candidate"]
 
 # A model, a state dict, or the path of a saved one.
-Checkpoint = Union[nn.Module, Mapping[str, Tensor], str, Path]
+Checkpoint = nn.Module | Mapping[str, Tensor] | str | Path
 
 # Key prefixes that wrappers add: DataParallel / DDP, and torch.compile.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")

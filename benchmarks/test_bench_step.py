@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from acnorm_fused.bench import layer
+from acnorm_fused.bench import layer as layers
 from acnorm_fused.bench.cases import default_cases, make_input
 from acnorm_fused.bench.timing import reuse_freed_memory, training_step
 
@@ -24,14 +24,14 @@ OTHER_KERNELS: tuple[str, ...] = ()
 if DEVICE.type == "cpu":
     reuse_freed_memory()
 else:
-    OTHER_KERNELS = tuple(layer.other_kernel_backends(torch.empty(0, device=DEVICE)))
+    OTHER_KERNELS = tuple(layers.other_kernel_backends(torch.empty(0, device=DEVICE)))
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.label().replace(" ", "-") for c in CASES])
-@pytest.mark.parametrize("layer_name", layer.IMPLEMENTATIONS + tuple(f"acnorm-{b}" for b in OTHER_KERNELS))
+@pytest.mark.parametrize("layer_name", layers.IMPLEMENTATIONS + tuple(f"acnorm-{b}" for b in OTHER_KERNELS))
 def test_training_step(benchmark, case, layer_name):
     x, grad = make_input(case, DEVICE)
-    layer = layer.make_layers(case.shape[1], DEVICE, other_kernels=OTHER_KERNELS)[layer_name]
+    layer = layers.make_layers(case.shape[1], DEVICE, other_kernels=OTHER_KERNELS)[layer_name]
     benchmark.group = case.label()
     if DEVICE.type == "cuda":
         def step():

@@ -81,7 +81,8 @@ def _compare(backend, layer, shape, dtype, memory_format=torch.contiguous_format
     inputs = [random_input(shape, 10 + k, dtype, mean=mean + k, std=std).double() for k in range(steps)]
     grads = [random_input(shape, 20 + k, dtype).double() for k in range(steps)]
     got = _run(layer, backend, inputs, grads, dtype, memory_format, DEVICE)
-    expected = _run(copy.deepcopy(layer).double(), "reference", inputs, grads, torch.float64, torch.contiguous_format, "cpu")
+    expected = _run(copy.deepcopy(layer).double(), "reference", inputs, grads, torch.float64,
+                    torch.contiguous_format, "cpu")
     for got_step, expected_step in zip(got[0], expected[0]):
         out, grad_x, grad_w, grad_b = (t.cpu() for t in got_step)
         assert_close(out, expected_step[0], dtype)

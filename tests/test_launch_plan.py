@@ -18,11 +18,11 @@ import torch
 
 import acnorm_fused as acn
 from acnorm_fused import backends, modules
+from acnorm_fused.backends import abi
+from acnorm_fused.backends.plan import LaunchPlan
 from acnorm_fused.bench import host
 from acnorm_fused.bench.cases import COST_CASE, make_input
 from acnorm_fused.bench.timing import training_step
-from acnorm_fused.backends import abi
-from acnorm_fused.backends.plan import LaunchPlan
 
 from helpers import make_layer, random_input
 

@@ -144,7 +144,7 @@ def test_gradcheck_float64():
     rv = 0.5 + torch.rand(3, dtype=torch.float64)
     for training, stats, activation in [(True, None, None), (True, None, "leaky_relu"),
                                         (False, (rm, rv), None), (False, (rm, rv), "leaky_relu")]:
-        def fn(x_):
+        def fn(x_, stats=stats, training=training, activation=activation):
             return acn.ac_norm(x_, *(stats or (None, None)), w, b, wt, bt, training=training,
                                activation=activation, negative_slope=0.3, backend="torch")
         assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6, rtol=1e-5)

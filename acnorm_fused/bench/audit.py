@@ -30,9 +30,9 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -298,17 +298,16 @@ def compile_launches(launches: Sequence[Launch], archs: Sequence[int] = ARCHS,
             facts[key] = entry
             if progress is not None:
                 progress(f"sm_{arch} {launch.name} ({config})")
-            def build(attributes):
-                return triton.compile(ASTSource(kernel, signature, constexprs, attributes), target=target,
-                                      options=options.__dict__)
-
             try:
-                compiled = build(attrs)
+                compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                          options=options.__dict__)
                 entry.loads, entry.stores = _access_widths(compiled.asm["ptx"])
                 entry.registers, entry.shared, entry.local = _resource_usage(compiled.asm["cubin"])
                 if entry.streams:
                     streamed = {(kernel.arg_names.index(n),) for n in _STREAMED_POINTERS if n in kernel.arg_names}
-                    unaligned = build({k: ([] if k in streamed else v) for k, v in attrs.items()})
+                    unaligned_attrs = {k: ([] if k in streamed else v) for k, v in attrs.items()}
+                    unaligned = triton.compile(ASTSource(kernel, signature, constexprs, unaligned_attrs),
+                                               target=target, options=options.__dict__)
                     entry.unaligned_loads, entry.unaligned_stores = _access_widths(unaligned.asm["ptx"])
             except Exception as error:  # noqa: BLE001 - a compile failure is a finding, not a crash
                 entry.error = str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -1,4 +1,5 @@
-"""The per-layer table (``acnorm bench``): AC-Norm against the authors' formulation and BatchNorm. against the authors' formulation and BatchNorm.
+"""The per-layer table (``acnorm bench``): AC-Norm against the authors'
+formulation and BatchNorm.
 
 One training step (forward and backward) of three layers on the same input:
 the reference backend (the authors' two-BatchNorm formulation), the fused

@@ -72,7 +72,9 @@ def _worker(rank: int, world_size: int, init_file: str, cases: list[Case], repea
             result = SyncResult(case, world_size)
             steps = {}
             for name, layer in _make_layers(case.shape[1]).items():
-                step = (lambda layer=layer: training_step(layer, x, grad))
+                def step(layer: nn.Module = layer, x: torch.Tensor = x, grad: torch.Tensor = grad) -> None:
+                    training_step(layer, x, grad)
+
                 try:
                     step()
                 except (ValueError, RuntimeError) as error:  # every rank refuses alike

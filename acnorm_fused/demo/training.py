@@ -9,9 +9,9 @@ import copy
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +23,6 @@ from ..correlation import affinity_from_stack, recalibrate, stack_affines
 from ..functional import effective_momentum
 from ..modules import ACNorm2d
 from .data import Domain
-
 
 METHODS = ("scratch", "vanilla", "l2sp", "acnorm-T0.5", "acnorm-T1", "acnorm-T2", "identity-S", "dense-S")
 
@@ -158,11 +157,12 @@ def dice(prediction: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
 
 def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
            labels: torch.Tensor, mask: torch.Tensor | None, lr: float,
-           penalty: Callable[[], torch.Tensor] | None = None, device: torch.device = torch.device("cpu"),
+           penalty: Callable[[], torch.Tensor] | None = None, device: torch.device | None = None,
            after_step: Callable[[int], None] | None = None) -> float:
     """Adam on cross-entropy (inside ``mask``, mirrored with the slices it
     flips), ``after_step(steps done)`` called after each step; returns
-    seconds per step."""
+    seconds per step; on the CPU unless ``device`` is given."""
+    device = device or torch.device("cpu")
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     start = time.perf_counter()

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -35,8 +35,17 @@ from torch import nn
 
 from ..transferability import ac_corr
 from .data import Domain, load_xray_crops
-from .training import (Settings, UNet, axial_slices, cached_model, draw_batches, finetune, pretrained_source,
-                       pyplot, target_split)
+from .training import (
+    Settings,
+    UNet,
+    axial_slices,
+    cached_model,
+    draw_batches,
+    finetune,
+    pretrained_source,
+    pyplot,
+    target_split,
+)
 
 SOURCES = ("tissue", "restoration-T1", "restoration-xray", "random")
 # Radiograph crops the X-ray restoration model trains on.
@@ -110,7 +119,7 @@ def transferability_runs(source: Domain, target: Domain, settings: Settings, cac
         for name, pretrained in models.items():
             score = []
 
-            def read_corr(model: nn.Module, step: int) -> None:
+            def read_corr(model: nn.Module, step: int, score: list[float] = score) -> None:
                 if step == settings.corr_steps:
                     score.append(ac_corr(model, model))  # its own source affine beside its target affine
 

@@ -28,8 +28,19 @@ import triton.language as tl
 
 from ..abi import NON_FINITE_BITS
 from .primitives import (
-    AUX_CENTRE_HI, AUX_CENTRE_LO, AUX_ROW_MAX, AUX_ROW_SUM, AUX_SCALE, AUX_SHIFT_B, AUX_SOURCE_SIG,
-    AUX_TARGET_SIG, affinity, affinity_logit, chan_merge, kept_in_s, signature,
+    AUX_CENTRE_HI,
+    AUX_CENTRE_LO,
+    AUX_ROW_MAX,
+    AUX_ROW_SUM,
+    AUX_SCALE,
+    AUX_SHIFT_B,
+    AUX_SOURCE_SIG,
+    AUX_TARGET_SIG,
+    affinity,
+    affinity_logit,
+    chan_merge,
+    kept_in_s,
+    signature,
 )
 
 NON_FINITE_GAMMA_S, NON_FINITE_BETA_S, NON_FINITE_GAMMA_T, NON_FINITE_BETA_T = (

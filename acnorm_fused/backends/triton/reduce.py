@@ -22,7 +22,13 @@ import triton
 import triton.language as tl
 
 from .primitives import (
-    AUX_CENTRE_HI, AUX_CENTRE_LO, AUX_SCALE, AUX_SHIFT_B, activation_grad, chan_merge, welford_step,
+    AUX_CENTRE_HI,
+    AUX_CENTRE_LO,
+    AUX_SCALE,
+    AUX_SHIFT_B,
+    activation_grad,
+    chan_merge,
+    welford_step,
 )
 
 
