@@ -13,6 +13,16 @@ It is compiled with nvcc through ninja for the architectures in
 is linked statically and no torch library at all, so the module works with any
 torch release; ``CUDA_HOME`` picks the toolkit when the ``nvcc`` on PATH is not
 the one to use.
+
+The module needs glibc 2.28 at most, as torch's own wheels do, whatever glibc
+the build machine has: its binding is compiled and the module linked by zig's
+clang and libc++ (the ``ziglang`` package, a build requirement on Linux
+x86_64) for that glibc. ``ACNORM_HOST_TOOLCHAIN`` chooses:
+
+* ``auto`` (default): zig when ziglang is installed, else the system compiler
+  (``CXX``, else ``c++``) with a warning;
+* ``zig``: zig, and fail when ziglang is missing;
+* ``system``: the system compiler; the module then needs this machine's glibc.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ def _want_cuda_build() -> bool:
         toolkit.gencode_flags(toolkit.requested_archs())
     except ValueError as error:
         raise SystemExit(f"ACNORM_CUDA_ARCHS: {error}") from None
+    try:
+        toolkit.toolchain_choice()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     return True
 
 

@@ -4,21 +4,36 @@
 A generated ninja file compiles the kernels with nvcc, or with the host
 compiler under ``-DACNORM_EMULATE``, and the pybind11 binding with the host
 compiler, then links them with the static CUDA runtime and no torch library.
+
+The GPU module's binding and link use zig's clang (the ``ziglang`` package)
+targeting glibc :data:`GLIBC_TARGET`, so that the module loads on every Linux
+that torch's own wheels (manylinux_2_28) load on; ``ACNORM_HOST_TOOLCHAIN``
+picks it (:func:`host_toolchain`). nvcc keeps its supported host compiler (gcc)
+for the kernels' host code: its objects only use the Itanium C++ ABI
+(``__cxa_*``, the personality routine, the unwinder) that zig's libc++abi and
+libunwind provide as well, and nvcc's headers refuse libc++ on x86.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import platform
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "acnorm"
 DEFAULT_ARCHS = "8.0 8.6 8.9 9.0 10.0 12.0+PTX"
 _ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
+# The newest glibc the GPU module may need: that of torch's own Linux wheels.
+GLIBC_TARGET = (2, 28)
+TOOLCHAIN_CHOICES = ("auto", "zig", "system")
 
 
 def find_nvcc() -> str | None:
@@ -92,6 +107,73 @@ def ninja_binary() -> str:
     return str(Path(ninja.BIN_DIR) / "ninja")
 
 
+@dataclass(frozen=True)
+class HostToolchain:
+    """The C++ compiler of the binding and the link, with the flags that
+    differ between compilers."""
+
+    cxx: str  # a command line, possibly with flags
+    compile_flags: str
+    link_flags: str
+    description: str
+
+
+def zig_binary() -> str | None:
+    """The ``zig`` executable of the ``ziglang`` package, if it is installed."""
+    spec = importlib.util.find_spec("ziglang")
+    if spec is None or spec.origin is None:
+        return None
+    zig = Path(spec.origin).parent / "zig"
+    return str(zig) if zig.is_file() else None
+
+
+def system_toolchain() -> HostToolchain:
+    """``$CXX`` (else ``c++``): the module needs this machine's glibc."""
+    # Only libc stays shared; the C++ runtime travels inside the module.
+    return HostToolchain(os.environ.get("CXX", "c++"), "", "-static-libstdc++ -static-libgcc",
+                         "the system C++ compiler, this machine's glibc")
+
+
+def zig_toolchain(zig: str) -> HostToolchain:
+    """zig's clang and libc++ (linked statically), against glibc GLIBC_TARGET."""
+    glibc = ".".join(map(str, GLIBC_TARGET))
+    return HostToolchain(
+        f"{zig} c++ -target x86_64-linux-gnu.{glibc}",
+        # zig emits debug information unless told not to; the system build has none.
+        "-g0",
+        # Without -O the link is a zig debug build, which adds the UBSan runtime;
+        # the libc++ zig builds for the target carries debug information.
+        "-O2 -Wl,--strip-debug",
+        f"zig c++, glibc {glibc}")
+
+
+def toolchain_choice() -> str:
+    """``ACNORM_HOST_TOOLCHAIN``: ``auto`` (the default), ``zig`` or ``system``."""
+    choice = os.environ.get("ACNORM_HOST_TOOLCHAIN", "auto").strip().lower()
+    if choice not in TOOLCHAIN_CHOICES:
+        raise ValueError(f"ACNORM_HOST_TOOLCHAIN must be one of {', '.join(TOOLCHAIN_CHOICES)} (got {choice!r})")
+    return choice
+
+
+def host_toolchain() -> HostToolchain:
+    """The binding's and link's compiler for the GPU module, by
+    :func:`toolchain_choice`: ``zig`` (needs the ziglang package), ``system``,
+    or ``auto`` (zig where it is installed on Linux x86_64, else the system
+    compiler, with a warning)."""
+    choice = toolchain_choice()
+    if choice == "system":
+        return system_toolchain()
+    zig = zig_binary() if sys.platform == "linux" and platform.machine() == "x86_64" else None
+    if zig is not None:
+        return zig_toolchain(zig)
+    if choice == "zig":
+        raise FileNotFoundError("ACNORM_HOST_TOOLCHAIN=zig needs the ziglang package on Linux x86_64 "
+                                "(pip install ziglang)")
+    print("warning: ziglang is not installed (pip install ziglang): the CUDA module is linked against this "
+          "machine's glibc and will not load on older Linux distributions", file=sys.stderr)
+    return system_toolchain()
+
+
 def build_module(target: Path, build_dir: Path, archs: str | None = None, emulate: bool = False) -> Path:
     """Compile and link the module into ``target`` (a ``_cuda`` extension file
     name); ``emulate`` builds the host emulation instead of GPU code."""
@@ -101,9 +183,11 @@ def build_module(target: Path, build_dir: Path, archs: str | None = None, emulat
         raise FileNotFoundError("building acnorm_fused._cuda needs pybind11 (pip install pybind11)") from None
 
     root = toolkit_root()
-    cxx = os.environ.get("CXX", "c++")
+    # The emulation is for tests on this machine: no glibc target to meet.
+    toolchain = system_toolchain() if emulate else host_toolchain()
+    cxx = toolchain.cxx
     includes = f"-I{SOURCES} -I{root / 'include'}"
-    cxx_flags = f"-std=c++17 -O2 -fPIC -fvisibility=hidden {includes}"
+    cxx_flags = f"-std=c++17 -O2 -fPIC -fvisibility=hidden {toolchain.compile_flags} {includes}"
     if emulate:
         kernel_rule = f"  command = {cxx} {cxx_flags} -DACNORM_EMULATE -x c++ -c $in -o $out"
         cxx_flags += " -DACNORM_EMULATE"
@@ -127,8 +211,7 @@ def build_module(target: Path, build_dir: Path, archs: str | None = None, emulat
         "-c $in -o $out",
         "  description = compile $in",
         "rule link",
-        f"  command = {cxx} -shared -static-libstdc++ -static-libgcc -o $out $in {static_cudart(root)} "
-        "-lpthread -ldl -lrt",
+        f"  command = {cxx} -shared {toolchain.link_flags} -o $out $in {static_cudart(root)} -lpthread -ldl -lrt",
         "  description = link $out",
     ]
     objects = []
@@ -138,7 +221,7 @@ def build_module(target: Path, build_dir: Path, archs: str | None = None, emulat
         objects.append(str(obj))
     lines.append(f"build {target}: link {' '.join(objects)}")
     (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
-    what = "the host emulation" if emulate else f"CUDA archs {archs or requested_archs()}"
+    what = "the host emulation" if emulate else f"CUDA archs {archs or requested_archs()}; {toolchain.description}"
     print(f"building {target.name} ({what})", file=sys.stderr)
     subprocess.run([ninja_binary(), "-C", str(build_dir)], check=True)
     return target
@@ -149,16 +232,26 @@ def module_sources() -> list[Path]:
     return sorted(p for p in SOURCES.iterdir() if p.suffix in {".cu", ".cuh", ".h", ".cpp"})
 
 
-def needed_libraries(path: Path) -> list[str]:
-    """The shared libraries an ELF64 little-endian file names in DT_NEEDED."""
-    import struct
-
+def _elf_sections(path: Path) -> tuple[bytes, list[tuple]]:
+    """An ELF64 little-endian file's bytes and its section headers (each
+    ``(name, type, flags, addr, offset, size, link, info, align, entsize)``)."""
     data = Path(path).read_bytes()
     if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise ValueError(f"{path} is not a little-endian ELF64 file")
     section_offset, = struct.unpack_from("<Q", data, 0x28)
     entry_size, count = struct.unpack_from("<HH", data, 0x3A)
-    sections = [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+    return data, [struct.unpack_from("<IIQQQQIIQQ", data, section_offset + i * entry_size) for i in range(count)]
+
+
+def _string(data: bytes, table: int, offset: int) -> str:
+    """The NUL-terminated string at ``offset`` in the string table at ``table``."""
+    start = table + offset
+    return data[start:data.index(b"\0", start)].decode()
+
+
+def needed_libraries(path: Path) -> list[str]:
+    """The shared libraries an ELF64 little-endian file names in DT_NEEDED."""
+    data, sections = _elf_sections(path)
     needed = []
     for _name, kind, _flags, _addr, offset, size, link, _info, _align, _entsize in sections:
         if kind != 6:  # SHT_DYNAMIC
@@ -169,6 +262,37 @@ def needed_libraries(path: Path) -> list[str]:
             if tag == 0:
                 break
             if tag == 1:  # DT_NEEDED
-                end = data.index(b"\0", strings + value)
-                needed.append(data[strings + value:end].decode())
+                needed.append(_string(data, strings, value))
     return needed
+
+
+def needed_versions(path: Path) -> dict[str, list[str]]:
+    """The symbol versions an ELF64 little-endian file needs, per library, as
+    its version-needed section lists them (``objdump -T`` shows them beside
+    each symbol, e.g. ``GLIBC_2.34``)."""
+    data, sections = _elf_sections(path)
+    versions: dict[str, list[str]] = {}
+    for _name, kind, _flags, _addr, offset, _size, link, count, _align, _entsize in sections:
+        if kind != 0x6FFFFFFE:  # SHT_GNU_verneed; sh_info holds its entry count
+            continue
+        strings = sections[link][4]
+        entry = offset
+        for _ in range(count):  # Elf64_Verneed, each followed by its Elf64_Vernaux list
+            _version, aux_count, file, aux, next_entry = struct.unpack_from("<HHIII", data, entry)
+            names = versions.setdefault(_string(data, strings, file), [])
+            position = entry + aux
+            for _ in range(aux_count):
+                _hash, _flags, _other, name, next_aux = struct.unpack_from("<IHHII", data, position)
+                names.append(_string(data, strings, name))
+                position += next_aux
+            entry += next_entry
+    return versions
+
+
+def glibc_needed(path: Path) -> tuple[int, ...]:
+    """The newest glibc version an ELF64 file needs (its highest ``GLIBC_x.y``
+    symbol version), ``()`` if it needs none."""
+    found = [tuple(int(part) for part in name[len("GLIBC_"):].split("."))
+             for names in needed_versions(path).values() for name in names
+             if re.fullmatch(r"GLIBC_\d+(\.\d+)*", name)]
+    return max(found, default=())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the acnorm-fused wheel with the CUDA kernels compiled in, check it for
-# manylinux and list the GPU code it holds.
+# manylinux (glibc 2.28 at most, as torch's own wheels) and list the GPU code
+# it holds.
 #
 #   scripts/build_wheels.sh                      # default archs, this python
 #   ACNORM_CUDA_ARCHS="9.0+PTX" scripts/build_wheels.sh
@@ -10,8 +11,8 @@
 # CUDA runtime statically and no torch library, so it serves every torch
 # release built for a driver that runs this CUDA. Wheels land in
 # dist/cu<major>/ (WHEEL_DIR overrides); set ACNORM_NO_BUILD_ISOLATION=1 on a
-# machine without network access (setuptools, wheel, pybind11 and ninja must
-# then be installed).
+# machine without network access (setuptools, wheel, pybind11, ninja and
+# ziglang must then be installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -48,6 +49,7 @@ wheel=$(ls -t "$OUT"/acnorm_fused-*manylinux*.whl | head -1)
 step "contents of $(basename "$wheel")"
 "$PY" - "$wheel" <<'PYEOF'
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,6 +74,17 @@ with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(wheel) as archive:
     print(f"links       {', '.join(needed)}")
     bad = [n for n in needed if n.startswith(("libtorch", "libc10", "libcudart", "libcuda.", "libpython"))]
     assert not bad, f"the module links {bad}"
+
+    # The wheel must install and load where torch's own (manylinux_2_28) do.
+    target = ".".join(map(str, toolkit.GLIBC_TARGET))
+    tags = [(int(major), int(minor)) for major, minor in re.findall(r"manylinux_(\d+)_(\d+)_", Path(wheel).name)]
+    assert tags, f"{Path(wheel).name} has no manylinux_X_Y tag"
+    lowest = min(tags)  # a wheel installs where any of its tags fits
+    print(f"tag         manylinux_{lowest[0]}_{lowest[1]}")
+    assert lowest <= toolkit.GLIBC_TARGET, f"auditwheel tagged the wheel for a glibc newer than {target}"
+    glibc = toolkit.glibc_needed(module)
+    print(f"glibc       {'.'.join(map(str, glibc))} (the newest GLIBC_ symbol version the module needs)")
+    assert glibc <= toolkit.GLIBC_TARGET, f"the module needs glibc newer than {target}: is ziglang installed?"
     # cuobjdump: PATH, the toolkit, or the copy in the triton wheel.
     candidates = [shutil.which("cuobjdump"), str(toolkit.toolkit_root() / "bin" / "cuobjdump")]
     try:

@@ -15,7 +15,7 @@ import torch
 
 from acnorm_fused import backends
 
-from conftest import import_csrc_toolkit, skip_or_fail
+from helpers import import_csrc_toolkit, skip_or_fail
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,23 @@ def test_links_no_torch_and_no_shared_cuda_runtime(compiled):
     assert needed, "no DT_NEEDED entries read"
     for name in needed:
         assert not name.startswith(("libtorch", "libc10", "libcudart", "libcuda", "libpython")), needed
+
+
+def test_needs_glibc_2_28_at_most(compiled):
+    """The module loads wherever torch's own wheels (manylinux_2_28) do,
+    whatever glibc the build machine had."""
+    toolkit = import_csrc_toolkit()
+    needed = toolkit.glibc_needed(compiled.__file__)
+    assert needed, "no GLIBC symbol versions read"
+    assert needed <= toolkit.GLIBC_TARGET, (
+        f"{compiled.__file__} needs glibc {'.'.join(map(str, needed))}, newer than "
+        f"{'.'.join(map(str, toolkit.GLIBC_TARGET))}: was it built without ziglang (ACNORM_HOST_TOOLCHAIN)?")
+
+
+def test_unknown_host_toolchain_is_refused(monkeypatch):
+    monkeypatch.setenv("ACNORM_HOST_TOOLCHAIN", "gcc")
+    with pytest.raises(ValueError, match="ACNORM_HOST_TOOLCHAIN must be one of auto, zig, system"):
+        import_csrc_toolkit().host_toolchain()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
