@@ -4,6 +4,11 @@
 // build serves every torch release; torch allocates every buffer on the
 // Python side (acnorm_fused/backends/cuda.py).
 
+// Python.h (through pybind11) first: it sets _POSIX_C_SOURCE and _XOPEN_SOURCE,
+// which the C library headers must not have defined already.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -11,8 +16,6 @@
 #include <vector>
 
 #include <cuda_runtime_api.h>
-#include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
 #include "kernels.h"
 
