@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ _TO_ACNORM: tuple[tuple[type[nn.Module], type[ACNorm]], ...] = (
     (nn.BatchNorm2d, ACNorm2d),
     (nn.BatchNorm1d, ACNorm1d),
 )
-_TO_BATCHNORM: tuple[tuple[type[ACNorm], type[nn.Module]], ...] = (
+_TO_BATCHNORM: tuple[tuple[type[ACNorm], type[nn.modules.batchnorm._BatchNorm]], ...] = (
     (ACNorm3d, nn.BatchNorm3d),
     (ACNorm2d, nn.BatchNorm2d),
     (ACNorm1d, nn.BatchNorm1d),
@@ -32,7 +32,10 @@ _TO_BATCHNORM: tuple[tuple[type[ACNorm], type[nn.Module]], ...] = (
 )
 
 
-def _lookup(table, module):
+_Target = TypeVar("_Target")
+
+
+def _lookup(table: tuple[tuple[type[nn.Module], _Target], ...], module: nn.Module) -> _Target | None:
     for source_type, target_type in table:
         if isinstance(module, source_type):
             return target_type
@@ -44,7 +47,7 @@ _BY_RANKS: dict[tuple[int, ...], type[ACNorm]] = {(5,): ACNorm3d, (4,): ACNorm2d
                                                   (3,): ACNorm1d}
 
 
-def _accepted_ranks(layer: nn.Module) -> tuple[int, ...]:
+def _accepted_ranks(layer: nn.modules.batchnorm._BatchNorm) -> tuple[int, ...]:
     """The input ranks (2 to 5) that ``layer._check_input_dim`` lets through."""
     ranks = []
     for rank in range(2, 6):
@@ -158,6 +161,8 @@ def convert_model(
         acnorm_type = _acnorm_type_for(name, layer)
         if acnorm_type is None:
             return None
+        # _acnorm_type_for maps BatchNorms alone (every type of _TO_ACNORM is one).
+        assert isinstance(layer, nn.modules.batchnorm._BatchNorm)
         where = name or "the model itself"
         if not layer.affine:
             raise ValueError(
@@ -182,6 +187,11 @@ def convert_model(
                                    ("weight", "weight_target"), ("bias", "bias_target")):
                 getattr(new, target).copy_(getattr(layer, source))
             if new.track_running_stats:
+                # Set above as the BatchNorm has running statistics: both have the three buffers.
+                assert new.running_mean is not None and new.running_var is not None
+                assert new.num_batches_tracked is not None
+                assert layer.running_mean is not None and layer.running_var is not None
+                assert layer.num_batches_tracked is not None
                 new.running_mean.copy_(layer.running_mean)
                 new.running_var.copy_(layer.running_var)
                 new.num_batches_tracked.copy_(layer.num_batches_tracked)
@@ -211,6 +221,7 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
         bn_type = _lookup(_TO_BATCHNORM, layer)
         if bn_type is None:
             return None
+        assert isinstance(layer, ACNorm)  # every type of _TO_BATCHNORM is an AC-Norm one
         # A NaN affine would fold into a BatchNorm that gives NaN: refuse it, as the layer does.
         check_finite_affines_now(f"fold_to_batchnorm: {name or 'the model itself'} ({layer._describe()})",
                                  stack_affines(layer.weight, layer.bias, layer.weight_target, layer.bias_target))
@@ -234,6 +245,11 @@ def fold_to_batchnorm(module: nn.Module) -> nn.Module:
             bn.weight.copy_(w)
             bn.bias.copy_(b)
             if layer.track_running_stats:
+                # Both track them, so both have the three buffers.
+                assert bn.running_mean is not None and bn.running_var is not None
+                assert bn.num_batches_tracked is not None
+                assert layer.running_mean is not None and layer.running_var is not None
+                assert layer.num_batches_tracked is not None
                 bn.running_mean.copy_(layer.running_mean)
                 bn.running_var.copy_(layer.running_var)
                 bn.num_batches_tracked.copy_(layer.num_batches_tracked)

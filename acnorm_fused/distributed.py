@@ -135,6 +135,7 @@ def sync_ac_norm(
         negative_slope, fused_backend(name), process_group, caller,
     )
     if running_mean is not None:
+        assert running_var is not None  # given together (checked_backend)
         with torch.no_grad():
             torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
     return out
@@ -174,5 +175,6 @@ class SyncACNorm(ACNorm):
             **self._op_options(),
         )
         if self.track_running_stats:
+            assert self.num_batches_tracked is not None  # registered with track_running_stats
             self.num_batches_tracked.add_(1)
         return out

@@ -151,6 +151,7 @@ def run_checked(
         activation or "", negative_slope, backend, caller,
     )
     if training and running_mean is not None:
+        assert running_var is not None  # given together (checked_backend)
         with torch.no_grad():
             torch._foreach_copy_([running_mean, running_var], [new_mean, new_var])
     return out

@@ -54,6 +54,26 @@ class ACNorm(nn.Module):
     _accepted_dims: tuple[int, ...] = (2, 3, 4, 5)
     _dims_text = "2D to 5D input (N, C, *spatial)"
 
+    # Set in __init__; declared here because nn.Module's __getattr__ would type
+    # them as ``Tensor | Module``. The three buffers are None without
+    # ``track_running_stats`` (registered as None, as BatchNorm's).
+    num_features: int
+    eps: float
+    momentum: float | None
+    temperature: float
+    track_running_stats: bool
+    activation: str | None
+    negative_slope: float
+    backend: str
+    double_update: bool
+    weight: nn.Parameter
+    bias: nn.Parameter
+    weight_target: nn.Parameter
+    bias_target: nn.Parameter
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
     def __init__(
         self,
         num_features: int,
@@ -122,6 +142,9 @@ class ACNorm(nn.Module):
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batches tracked."""
         if self.track_running_stats:
+            # track_running_stats=True registers the three buffers (see __init__).
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
@@ -152,6 +175,7 @@ class ACNorm(nn.Module):
         momentum, double_update = self.momentum, self.double_update
         if self.training and self.track_running_stats and momentum is None:
             # Cumulative moving average, as BatchNorm: one update by 1/count.
+            assert self.num_batches_tracked is not None  # registered with track_running_stats
             momentum, double_update = 1.0 / float(self.num_batches_tracked + 1), False
         return (0.0 if momentum is None else momentum), double_update
 
@@ -201,9 +225,13 @@ class ACNorm(nn.Module):
         if empty_batch:
             return x.clone()
         tensors = (*params, running_mean, running_var)
-        # momentum=None moves with the counter: no fixed plan for that.
+        # momentum=None moves with the counter: no fixed plan for that. A plan runs
+        # with the layer's own parameters and buffers (its run() checks their
+        # addresses): none when this call leaves buffers out (training with
+        # track_running_stats=False on a layer that has them).
         if (not torch.compiler.is_compiling() and plan_covers(backend, x, tensors)
-                and not (updates_stats and self.momentum is None)):
+                and not (updates_stats and self.momentum is None)
+                and all(t is own for t, own in zip(tensors, LaunchPlan.tensors_of(self)))):
             plan = LaunchPlan(
                 backend, x, tensors, caller=caller, batch_stats=use_batch_stats,
                 update_running=use_batch_stats and running_mean is not None,
@@ -211,11 +239,14 @@ class ACNorm(nn.Module):
                 eps=self.eps, temperature=self.temperature, activation=self.activation or "",
                 negative_slope=self.negative_slope)
             self.__dict__.setdefault("_plans", {})[LaunchPlan.key(x, self.training)] = plan
-            return plan.run(self, x)
+            planned = plan.run(self, x)
+            assert planned is not None  # built from the layer's own tensors just now
+            return planned
         out = run_checked(
             backend, x, running_mean, running_var, *params, use_batch_stats, momentum, options["eps"],
             options["temperature"], options["activation"], options["negative_slope"], double_update, caller)
         if updates_stats:
+            assert self.num_batches_tracked is not None  # registered with track_running_stats
             self.num_batches_tracked.add_(1)
         return out
 

@@ -134,7 +134,7 @@ def _backward_through(backward_op: Callable[..., tuple[Tensor, Tensor]]):
         grad_x, grad_target = backward_op(grad_out, *ctx.saved_tensors, *ctx.config)
         grad_target = as_dtype(grad_target, ctx.param_dtype)
         needs = ctx.needs_input_grad
-        grads = list(no_grads)
+        grads: list[Tensor | None] = list(no_grads)
         grads[_X] = grad_x if needs[_X] else None
         grads[_WEIGHT_TARGET] = grad_target[0] if needs[_WEIGHT_TARGET] else None
         grads[_BIAS_TARGET] = grad_target[1] if needs[_BIAS_TARGET] else None
@@ -158,7 +158,9 @@ class ACNormFunction(torch.autograd.Function):
         return output
 
     # The backward kernels are not differentiable: a second derivative is refused, not wrong.
-    backward = staticmethod(once_differentiable(_backward_through(_backward_impl)))
+    # once_differentiable's annotations make ctx positional-only, which mypy reads as an
+    # override incompatible with Function.backward(ctx, *grad_outputs).
+    backward = staticmethod(once_differentiable(_backward_through(_backward_impl)))  # type: ignore[assignment]
 
 
 def ac_norm_forward(*inputs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:

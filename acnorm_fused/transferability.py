@@ -136,7 +136,8 @@ def ac_corr_layers(
             rows = [t.detach().float().cpu() for t in affine]
             # A NaN affine gives a NaN score, which would rank arbitrarily.
             check_finite_affines_now(f"ac_corr: layer {name!r}", torch.stack(rows))
-            s = correlation(*rows, eps=1e-5, temperature=1.0)
+            weight, bias, weight_target, bias_target = rows
+            s = correlation(weight, bias, weight_target, bias_target, eps=1e-5, temperature=1.0)
         scores[name] = float(s.sum())
     return scores
 

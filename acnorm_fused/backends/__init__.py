@@ -18,7 +18,7 @@ import functools
 import importlib
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
 
 import torch
@@ -41,9 +41,10 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
-def _load_cuda_extension() -> tuple[ModuleType | None, str]:
+def _import_cuda_extension() -> tuple[ModuleType | None, str]:
     try:
-        from .. import _cuda
+        # A compiled module without a stub: mypy sees no such attribute of the package.
+        from .. import _cuda  # type: ignore[attr-defined]
     except ImportError as error:
         return None, str(error)
     try:
@@ -51,6 +52,10 @@ def _load_cuda_extension() -> tuple[ModuleType | None, str]:
     except RuntimeError as error:
         return None, str(error)
     return _cuda, ""
+
+
+# ``(module or None, why not)`` of the compiled module; using_cuda_extension() swaps it.
+_load_cuda_extension: Callable[[], tuple[ModuleType | None, str]] = _import_cuda_extension
 
 
 def cuda_extension() -> ModuleType | None:

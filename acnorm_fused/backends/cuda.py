@@ -102,8 +102,11 @@ class CudaKernels:
         centre, mean_rel, var = (None, None, None) if given is None else (
             _f32(given[0]), None if given[1] is None else _f32(given[1]), _f32(given[2]))
         update = running_mean is not None
-        running_mean = _f32(running_mean) if update else None  # itself when fp32 and contiguous
-        running_var = _f32(running_var) if update else None
+        if running_mean is not None:
+            assert running_var is not None  # given together with running_mean (checked)
+            running_mean, running_var = _f32(running_mean), _f32(running_var)  # themselves when fp32, contiguous
+        else:
+            running_var = None
         self.module.finalise_forward(
             _DTYPE_CODES[x.dtype], *self._place(x), _pointer(partials), geo.splits, _pointer(x),
             geo.s if geo.planar else 1, *(_pointer(row) for row in affines), _pointer(centre),

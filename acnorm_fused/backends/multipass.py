@@ -157,6 +157,7 @@ class MultiPassBackend:
         """Returns ``(out, mean, invstd, new_running_mean, new_running_var, aux)``; the
         running statistics are not modified (see :func:`.pytorch.forward`)."""
         if not config.use_batch_stats:
+            assert running_mean is not None and running_var is not None  # required without batch statistics
             return self._forward_given(x, affines, (running_mean, None, running_var), 1.0, None, None, config)
         geo = geometry(x)
         with on_device(x):

@@ -49,6 +49,9 @@ __all__ = ["LaunchPlan", "PlannedStep", "plan_covers"]
 
 _F32 = torch.float32
 
+# A layer's ``(weight, bias, weight_target, bias_target, running_mean, running_var)``.
+LayerTensors = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]
+
 
 def _plain(t: Tensor | None) -> bool:
     return t is None or (t.dtype == _F32 and t.is_contiguous())
@@ -61,7 +64,7 @@ def plan_covers(backend: str, x: Tensor, tensors: tuple[Tensor | None, ...]) -> 
             and all(_plain(t) for t in tensors))
 
 
-def _pointers(tensors: tuple[Tensor | None, ...]) -> tuple[int, ...]:
+def _pointers(tensors: LayerTensors) -> tuple[int, ...]:
     w, b, wt, bt, rm, rv = tensors
     return (w.data_ptr(), b.data_ptr(), wt.data_ptr(), bt.data_ptr(),
             0 if rm is None else rm.data_ptr(), 0 if rv is None else rv.data_ptr())
@@ -121,7 +124,7 @@ class _Status:
 class LaunchPlan:
     """One layer's kernel launches for one input signature (see the module docstring)."""
 
-    def __init__(self, backend: str, x: Tensor, tensors: tuple[Tensor | None, ...], *, caller: str,
+    def __init__(self, backend: str, x: Tensor, tensors: LayerTensors, *, caller: str,
                  batch_stats: bool, update_running: bool, counts_batches: bool, momentum: float,
                  eps: float, temperature: float, activation: str, negative_slope: float):
         self.caller = caller
@@ -145,7 +148,7 @@ class LaunchPlan:
         return (x.shape, x.stride(), x.dtype, x.device, training)
 
     @staticmethod
-    def tensors_of(layer) -> tuple[Tensor | None, ...]:
+    def tensors_of(layer) -> LayerTensors:
         """The layer's ``(weight, bias, weight_target, bias_target, running_mean, running_var)``."""
         params, buffers = layer._parameters, layer._buffers
         return (params["weight"], params["bias"], params["weight_target"], params["bias_target"],
@@ -162,7 +165,7 @@ class LaunchPlan:
             layer._buffers["num_batches_tracked"].add_(1)
         return out
 
-    def forward(self, x: Tensor, tensors: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
         """``(out, forward scratch)``; raises for non-finite affines (see the module docstring)."""
         status = self.status
         if status.deferred:
@@ -194,7 +197,9 @@ class _CudaLaunches:
         from . import cuda_extension
         from .cuda import module_geometry, raw_stream
 
-        self.module = module = cuda_extension()
+        module = cuda_extension()
+        assert module is not None  # the cuda backend runs this plan: the module is installed
+        self.module = module
         geo, layout = plan.geo, plan.layout
         self.step = module.StepPlan(
             geometry=module_geometry(module, geo), dtype=DTYPE_CODES[x.dtype],
@@ -211,7 +216,7 @@ class _CudaLaunches:
         self.pointers = plan.pointers
         self.grad_split = (geo.c, geo.c, layout.bwd_len - 2 * geo.c)
 
-    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
         # The parameters' and buffers' addresses are the plan's: run() has checked them.
         stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
         self.module.step_forward(self.step, self.index, stream, x.data_ptr(), out.data_ptr(),
@@ -236,7 +241,7 @@ class _TritonLaunches:
         self.kernels = TritonKernels()
         self.plan = plan
 
-    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
         with on_device(x):
             self._forward(x, out, scratch, tensors)
 
@@ -245,7 +250,7 @@ class _TritonLaunches:
         with on_device(x):
             return self._backward(grad_out, x, grad_x, fwd, bwd)
 
-    def _forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: tuple[Tensor | None, ...]) -> None:
+    def _forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
         plan, kernels = self.plan, self.kernels
         geo = plan.geo
         partials, mean, invstd, aux = plan.layout.forward_views(scratch, geo.c)
@@ -255,11 +260,15 @@ class _TritonLaunches:
             kernels.reduce(geo, x, None, partials, partials, act, slope)
             given = None
         else:
+            assert rm is not None and rv is not None  # the running statistics, required then
             given = (rm, None, rv)
-        running = (rm, rv) if plan.update_running else (None, None)
+        running: tuple[Tensor | None, Tensor | None] = (None, None)
+        outputs = (mean, invstd, mean, mean, aux)
+        if plan.update_running:
+            assert rm is not None and rv is not None  # the plan was built with them
+            running, outputs = (rm, rv), (mean, invstd, rm, rv, aux)
         kernels.finalise_forward(
-            geo, x, (w, b, wt, bt), partials if plan.batch_stats else None, given, plan.count, *running,
-            (mean, invstd, *running, aux) if plan.update_running else (mean, invstd, mean, mean, aux),
+            geo, x, (w, b, wt, bt), partials if plan.batch_stats else None, given, plan.count, *running, outputs,
             plan.momentum, plan.eps, plan.temperature, plan.status.word)
         kernels.elementwise(geo, x, None, out, aux, aux, act, slope)
 

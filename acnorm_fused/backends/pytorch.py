@@ -165,19 +165,23 @@ def forward(
     if use_batch_stats and _uses_own_reductions(x):
         out, mean, var, invstd = _train_forward_own_reductions(x, w, b, eps)
         if running_mean is not None:
+            assert running_var is not None  # given together with running_mean (checked)
             new_mean, new_var = _moved_running_stats(
                 running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     elif use_batch_stats:
         if running_mean is not None:
+            assert running_var is not None  # given together with running_mean (checked)
             new_mean = running_mean.to(bn_dtype, copy=True)
             new_var = running_var.to(bn_dtype, copy=True)
         out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
     else:
+        assert running_mean is not None and running_var is not None  # required without batch statistics
         mean = running_mean.to(bn_dtype, copy=True)
         out, invstd = _normalise_with(x, w, b, mean, as_dtype(running_var, bn_dtype), eps)
     if new_mean is None:
         new_mean = x.new_empty((0,), dtype=bn_dtype)
         new_var = x.new_empty((0,), dtype=bn_dtype)
+    assert new_var is not None  # set with new_mean
     out = apply_activation(out, config.activation, config.negative_slope, inplace=True)
     return out, mean, invstd, new_mean, new_var, aux
 
@@ -275,6 +279,7 @@ def forward_with_statistics(
     var = as_dtype(var, bn_dtype)
     out, invstd = _normalise_with(x, w, b, mean, var, config.eps)
     if running_mean is not None:
+        assert running_var is not None  # given together with running_mean (checked)
         new_mean, new_var = _moved_running_stats(running_mean, running_var, mean, var, count, config.momentum)
     else:
         new_mean = new_var = x.new_empty((0,), dtype=bn_dtype)

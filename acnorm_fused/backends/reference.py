@@ -50,6 +50,7 @@ def ac_norm_reference(
 
     buffers = (running_mean, running_var)
     if running_mean is not None and running_mean.dtype != bn_dtype:
+        assert running_var is not None  # given together with running_mean (checked)
         buffers = (running_mean.to(bn_dtype), running_var.to(bn_dtype))
     second_buffers = buffers if (double_update or not training) else (None, None)
 
@@ -57,6 +58,9 @@ def ac_norm_reference(
     out = out + F.batch_norm(x, *second_buffers, gamma_tr, beta_tr, training, momentum, eps)
 
     if buffers[0] is not running_mean:
+        # Converted above: the running statistics and their copies are tensors.
+        assert running_mean is not None and running_var is not None
+        assert buffers[0] is not None and buffers[1] is not None
         with torch.no_grad():
             running_mean.copy_(buffers[0])
             running_var.copy_(buffers[1])

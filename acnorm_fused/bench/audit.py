@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ MIN_TRAFFIC = {"forward": 3, "backward": 5, "eval": 2}
 class Launch:
     """One kernel launch the dispatcher made: the kernel and its arguments."""
 
-    kernel: object  # a triton JITFunction
+    kernel: Any  # a triton JITFunction (triton has no type information)
     args: tuple
     kwargs: dict
     case: str

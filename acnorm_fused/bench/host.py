@@ -33,8 +33,9 @@ import pstats
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -196,7 +197,7 @@ def _per_step_counts(step: Callable[[], None], steps: int) -> tuple[int, int, in
     for _ in range(steps):
         step()
     profiler.disable()
-    calls = pstats.Stats(profiler).total_calls
+    calls = pstats.Stats(profiler).total_calls  # type: ignore[attr-defined]  # set by Stats, not in typeshed
     counter = _OperatorCounter()
     with counter:
         for _ in range(steps):
@@ -205,7 +206,7 @@ def _per_step_counts(step: Callable[[], None], steps: int) -> tuple[int, int, in
     return round((calls - 1) / steps), round(counter.ops / steps), round(counter.storages / steps)
 
 
-def step_costs(steps: dict[str, Callable[[], None]], rounds: int = 30, per_round: int = 20,
+def step_costs(steps: Mapping[str, Callable[[], None]], rounds: int = 30, per_round: int = 20,
                count_steps: int = 20) -> dict[str, StepCost]:
     """:class:`StepCost` of each step; the wall times are the median over
     ``rounds`` of the mean of ``per_round`` steps, the steps run in turn in
@@ -244,17 +245,19 @@ def cost_table(case: Case = COST_CASE, module=None) -> list[str]:
     and is left out when there is none; the ``triton`` row needs triton."""
     module = module if module is not None else backends.cuda_extension()
     x, grad = make_input(case, torch.device("cpu"))
+    context: contextlib.AbstractContextManager[None]
     if module is None:
         context, note = contextlib.nullcontext(), "no compiled acnorm_fused._cuda: no `acnorm-cuda` row"
     else:
         context, note = noop_cuda_launches(module), "`acnorm-cuda`: launches that do nothing"
-    triton = backends.REGISTRY["triton"].is_installed()
+    triton = cast(backends.TritonBackend, backends.REGISTRY["triton"]).is_installed()
     if triton:
         note += "; `acnorm-triton`: launches that return before Triton's launcher"
     with context, (noop_triton_launches() if triton else contextlib.nullcontext()):
         layers = cost_layers(case.shape[1], cuda=module is not None, triton=triton)
-        costs = step_costs({name: (lambda layer=layer: training_step(layer, x, grad))
-                            for name, layer in layers.items()})
+        # Built apart from the call: mypy infers these lambdas' types only without a context.
+        steps = {name: (lambda layer=layer: training_step(layer, x, grad)) for name, layer in layers.items()}
+        costs = step_costs(steps)
     base = costs["batchnorm"]
     lines = [f"### Host cost of one eager step, {case.label()} (CPU; {note})", "",
              "| layer | Python calls | aten ops | new storages | wall us | calls / BN | ops / BN "

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -86,6 +87,7 @@ class Result:
     def _fraction_of_copy(self, step_ms: float) -> float:
         """Bytes of the minimal fused step over ``step_ms``, against the copy bandwidth."""
         # A copy moves 2 bytes per element and byte of element size.
+        assert self.copy_ms is not None  # the callers check it
         return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / step_ms
 
     def bandwidth_fraction(self, name: str = "acnorm") -> float:
@@ -145,7 +147,7 @@ def make_layers(channels: int, device: torch.device, seed: int = 0,
     generator = torch.Generator().manual_seed(seed)
     source_w = 0.5 + torch.rand(channels, generator=generator)
     source_b = 0.2 * torch.randn(channels, generator=generator)
-    layers: dict[str, nn.Module] = {
+    layers: dict[str, ACNorm3d | nn.BatchNorm3d] = {
         "reference": ACNorm3d(channels, backend="reference"),
         "acnorm": ACNorm3d(channels, backend="auto"),
         "batchnorm": nn.BatchNorm3d(channels),
@@ -191,7 +193,8 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
         # it run later cases eagerly, uncompiled.
         torch._dynamo.reset()
         compiled = copy.deepcopy(layers["reference"])
-        layers["compiled"] = torch.compile(compiled, dynamic=True)
+        # torch.compile of a Module is a Module (an OptimizedModule); its annotations say Callable.
+        layers["compiled"] = cast(nn.Module, torch.compile(compiled, dynamic=True))
     steps = {name: (lambda layer=layer: training_step(layer, x, grad)) for name, layer in layers.items()}
     forwards = {name: (lambda layer=layer: layer(x)) for name, layer in layers.items()}
     for fn in (*steps.values(), *forwards.values()):

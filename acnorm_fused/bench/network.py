@@ -184,7 +184,9 @@ def build_versions(spec: NetworkSpec, quick: bool, device: torch.device, layout:
         _perturb_targets(converted, seed + 1)
         versions[name] = converted
     memory_format = _memory_format(spec, layout)
-    return {name: model.to(device, memory_format=memory_format).train() for name, model in versions.items()}
+    # Module.to's annotations lack the memory_format keyword that it takes.
+    return {name: model.to(device, memory_format=memory_format).train()  # type: ignore[call-overload]
+            for name, model in versions.items()}
 
 
 def _memory_format(spec: NetworkSpec, layout: str) -> torch.memory_format:
@@ -198,7 +200,7 @@ def make_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: st
     """One training step of ``model``: forward (under bfloat16 autocast when asked),
     cross-entropy loss, backward and an SGD step."""
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
-    forward = model
+    forward: Callable[..., torch.Tensor] = model
     if mode == "compile":
         forward = torch.compile(model)
     elif mode == "compile-reduce-overhead":

@@ -12,7 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(
-    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
+    steps: Mapping[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
     """Wall times in ms of each step, the steps run in turn ``repeats`` times."""
     for _ in range(warmup):

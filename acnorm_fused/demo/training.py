@@ -99,8 +99,14 @@ class ControlNorm2d(ACNorm2d):
         else:
             s = affinity_from_stack(affines, self.eps, self.temperature)
         w, b = recalibrate(s, torch.stack((self.weight_target, self.bias_target)))
-        return F.batch_norm(x, self.running_mean, self.running_var, w, b, self.training,
-                            effective_momentum(self.momentum), self.eps)
+        # The layer's update rule, as AC-Norm's (momentum=None: the cumulative average).
+        momentum, double_update = self._update_rule()
+        out = F.batch_norm(x, self.running_mean, self.running_var, w, b, self.training,
+                           effective_momentum(momentum, double_update), self.eps)
+        if self.training and self.track_running_stats:
+            assert self.num_batches_tracked is not None  # registered with track_running_stats
+            self.num_batches_tracked.add_(1)
+        return out
 
 
 def _replace_norms(module: nn.Module, kind: str) -> None:
@@ -157,7 +163,7 @@ def dice(prediction: torch.Tensor, labels: torch.Tensor, classes: int) -> float:
 
 def _train(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], images: torch.Tensor,
            labels: torch.Tensor, mask: torch.Tensor | None, lr: float,
-           penalty: Callable[[], torch.Tensor] | None = None, device: torch.device | None = None,
+           penalty: Callable[[], torch.Tensor | float] | None = None, device: torch.device | None = None,
            after_step: Callable[[int], None] | None = None) -> float:
     """Adam on cross-entropy (inside ``mask``, mirrored with the slices it
     flips), ``after_step(steps done)`` called after each step; returns
@@ -228,6 +234,7 @@ def prepare(method: str, pretrained: nn.Module, classes: int, width: int, seed: 
     """The model a method finetunes, with the seed's head."""
     torch.manual_seed(seed)
     head = nn.Conv2d(width, classes, 1)
+    model: nn.Module
     if method == "scratch":
         model = UNet(classes, width)
         model.head = head
@@ -244,12 +251,12 @@ def prepare(method: str, pretrained: nn.Module, classes: int, width: int, seed: 
     return model
 
 
-def _l2sp(model: nn.Module, alpha: float, beta: float) -> Callable[[], torch.Tensor]:
+def _l2sp(model: nn.Module, alpha: float, beta: float) -> Callable[[], torch.Tensor | float]:
     """L2-SP: alpha/2 |w - w0|^2 over the pretrained weights, beta/2 |w|^2 over the new head."""
     start = {name: p.detach().clone() for name, p in model.named_parameters() if not name.startswith("head.")}
 
-    def penalty() -> torch.Tensor:
-        total = 0.0
+    def penalty() -> torch.Tensor | float:
+        total: torch.Tensor | float = 0.0
         for name, p in model.named_parameters():
             if name.startswith("head."):
                 total = total + 0.5 * beta * p.square().sum()

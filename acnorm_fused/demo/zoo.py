@@ -117,7 +117,7 @@ def transferability_runs(source: Domain, target: Domain, settings: Settings, cac
     total = len(models) * settings.zoo_seeds
     for seed in range(settings.zoo_seeds):
         for name, pretrained in models.items():
-            score = []
+            score: list[float] = []
 
             def read_corr(model: nn.Module, step: int, score: list[float] = score) -> None:
                 if step == settings.corr_steps:
