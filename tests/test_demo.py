@@ -54,6 +54,20 @@ def test_identity_control_doubles_the_target_affine():
     torch.testing.assert_close(layer(x), expected)
 
 
+def test_controls_follow_the_layers_update_rule():
+    """momentum=None is the cumulative average, as AC-Norm's, and the counter advances."""
+    x1, x2 = random_input((4, 5, 3, 3), 5, mean=1.0), random_input((4, 5, 3, 3), 6, mean=-2.0)
+    for kind in ("identity", "dense"):
+        control = training.ControlNorm2d(5, kind, momentum=None)
+        reference = ACNorm2d(5, momentum=None, backend="torch")
+        for x in (x1, x2):
+            control(x)
+            reference(x)
+        assert int(control.num_batches_tracked) == 2
+        torch.testing.assert_close(control.running_mean, reference.running_mean)
+        torch.testing.assert_close(control.running_mean, torch.cat([x1, x2]).mean((0, 2, 3)))
+
+
 def test_dense_control_uses_the_unsparsified_correlation():
     layer = _control("dense")
     x = random_input((4, 5, 3, 3), 2)

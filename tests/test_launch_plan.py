@@ -24,7 +24,7 @@ from acnorm_fused.bench import host
 from acnorm_fused.bench.cases import COST_CASE, make_input
 from acnorm_fused.bench.timing import training_step
 
-from helpers import make_layer, random_input
+from helpers import assert_close, make_layer, random_input
 
 pytestmark = pytest.mark.interpret
 
@@ -209,6 +209,22 @@ def test_momentum_none_and_strided_inputs_take_the_general_path(backend):
     layer = make_layer(acn.ACNorm2d, 3, seed=11, backend=backend).to(DEVICE)
     layer(random_input((2, 6, 4, 4), 12).to(DEVICE)[:, ::2])
     assert not _plans(layer), "a strided input is copied by the general path"
+
+
+def test_training_without_tracking_on_a_layer_that_has_buffers(backend):
+    """track_running_stats switched off after construction: the buffers stay but a
+    training call leaves them out, so no plan fits it; the output is still the op's."""
+    layer = make_layer(acn.ACNorm2d, 3, seed=13, backend=backend).to(DEVICE)
+    layer.track_running_stats = False
+    before = layer.running_mean.clone()
+    x = random_input((2, 3, 4, 4), 14).to(DEVICE)
+    for _ in range(2):  # the first call builds plans where it can, the second would use them
+        out = layer(x)
+        assert isinstance(out, torch.Tensor)
+        expected = acn.ac_norm(x, None, None, layer.weight, layer.bias, layer.weight_target, layer.bias_target,
+                               training=True, backend="torch")
+        assert_close(out, expected)
+    torch.testing.assert_close(layer.running_mean, before, rtol=0, atol=0)
 
 
 def test_host_cost_of_an_eager_step_within_budget(emulated_cuda_module):
