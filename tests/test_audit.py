@@ -31,6 +31,7 @@ def compiled_facts():
     return audit.run_part("static", "(90,)", "True")
 
 
+@pytest.mark.slow
 def test_streaming_kernels_use_16_byte_accesses_and_never_spill(compiled_facts):
     findings = [line for facts in compiled_facts for line in facts["findings"]]
     assert not findings, "\n".join(findings)
@@ -42,6 +43,7 @@ def test_streaming_kernels_use_16_byte_accesses_and_never_spill(compiled_facts):
     assert dtypes == {"fp32", "fp16", "bf16"}
 
 
+@pytest.mark.slow
 def test_finalise_kernels_compile_without_spills(compiled_facts):
     names = {f["name"] for f in compiled_facts}
     assert {"finalise_forward_kernel", "finalise_backward_kernel", "target_grad_kernel"} <= names
@@ -73,6 +75,7 @@ def test_the_rule_flags_regressions(overrides, message):
     assert findings and message in findings[0]
 
 
+@pytest.mark.slow
 @pytest.mark.interpret
 def test_fused_ops_stream_the_minimum_bytes():
     if reason := audit.traffic_unsupported():

@@ -80,6 +80,7 @@ def test_gpu_table_reports_the_bars_from_paired_samples():
     assert data["copy_bandwidth_fraction"] == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_bench_sync_processes_writes_its_table(tmp_path, capsys):
     args = ["bench", "sync", "--processes", "2", "--shapes", "2x3x2x2x2",
             "--dtypes", "float32", "--layouts", "contiguous", "--repeats", "2", "--warmup", "0",
@@ -180,6 +181,7 @@ def test_cuda_benchmark_times_the_bar_pair_from_graphs_too(monkeypatch):
     assert ratios["graph_acnorm_over_batchnorm"] == 0.5
 
 
+@pytest.mark.slow
 def test_bench_network_quick_writes_its_tables(tmp_path, capsys):
     """The CPU smoke test of `acnorm bench network`: every quick row, the three
     versions of each, with their ratios to the BatchNorm original."""

@@ -193,6 +193,7 @@ def test_folded_model_exports_without_custom_ops():
     torch.testing.assert_close(exported.module()(x), folded(x))
 
 
+@pytest.mark.slow
 def test_folded_model_exports_to_onnx_and_runs():
     onnx_reference = pytest.importorskip("onnx.reference")
     pytest.importorskip("onnxscript")

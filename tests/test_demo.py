@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -129,6 +130,7 @@ def test_restoration_input_is_noisy_with_a_third_of_the_cells_blanked():
 
 @pytest.mark.parametrize("sign", [1, -1])
 def test_kendall_tau_keeps_its_sign(sign):
+    pytest.importorskip("scipy", reason="Kendall's tau comes from scipy: pip install 'acnorm-fused[demo]'")
     dice = {"tissue": 0.6, "restoration-T1": 0.5, "restoration-xray": 0.45, "random": 0.4}
     runs = [zoo.ZooRun(source, seed, sign * d + 0.01 * seed, d + 0.001 * seed)
             for seed in range(2) for source, d in dice.items()]
@@ -158,6 +160,7 @@ def test_missing_target_data_says_what_to_install(monkeypatch, tmp_path, capsys)
         data.load_target()
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path, capsys):
     try:
         data.load_target()
@@ -179,6 +182,19 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert {r["source"] for r in transfer} == set(zoo.SOURCES)
     assert all(math.isfinite(r["ac_corr"]) and 0 < r["ac_corr"] for r in transfer)
     assert len(list((tmp_path / "cache").glob("zoo-restoration-*.pt"))) == 2
+
+
+@pytest.mark.parametrize("package,load,message", [
+    ("scipy", "load_target", "the demo needs scipy"),
+    ("pydicom", "load_xray_crops", "comes with pydicom and pydicom-data"),
+])
+def test_a_missing_package_is_named_not_a_module_error(monkeypatch, package, load, message):
+    real_find_spec = data.importlib.util.find_spec
+    monkeypatch.setattr(data.importlib.util, "find_spec",
+                        lambda name, *args: None if name == package else real_find_spec(name, *args))
+    monkeypatch.setitem(sys.modules, package, None)  # its import fails, as when absent
+    with pytest.raises(data.MissingData, match=message):
+        getattr(data, load)(*([2] if load == "load_xray_crops" else []))
 
 
 def test_demo_says_what_is_missing_before_any_run(monkeypatch, tmp_path, capsys):

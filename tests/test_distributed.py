@@ -130,16 +130,19 @@ def _check(names: list[str], per_rank: list[dict]) -> None:
             assert int(batches) == int(expected_running[2]) == STEPS, name
 
 
+@pytest.mark.slow
 def test_two_processes(tmp_path):
     names = ["3d-relu-2proc", "cma-single-update-2proc", "no-running-stats-2proc"]
     _check(names, _spawn(2, names, "torch", tmp_path))
 
 
+@pytest.mark.slow
 def test_three_processes_uneven_and_empty_batches(tmp_path):
     names = ["2d-input-3proc", "empty-rank-3proc", "channels-last-3proc"]
     _check(names, _spawn(3, names, "torch", tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.interpret
 def test_two_processes_triton_kernels(tmp_path):
     """The same through the Triton kernels (interpreted on the CPU without a GPU)."""
@@ -150,6 +153,7 @@ def test_two_processes_triton_kernels(tmp_path):
     _check(names, _spawn(2, names, "triton", tmp_path))
 
 
+@pytest.mark.slow
 @pytest.mark.interpret
 def test_two_processes_cuda_kernels(tmp_path, emulated_cuda_module):
     """The same through the CUDA kernels (their host emulation, on the CPU)."""
@@ -230,6 +234,7 @@ def _ddp_train(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_training_equals_single_process_training(tmp_path):
     world = len(BATCH_SIZES)
     mp.spawn(_ddp_train, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
@@ -250,6 +255,7 @@ def test_ddp_training_equals_single_process_training(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_example_runs_with_torchrun_on_two_processes(tmp_path):
     example = Path(__file__).resolve().parents[1] / "examples" / "ddp_finetune.py"
     out = tmp_path / "folded.pt"

@@ -112,9 +112,10 @@ def _mricron_file(name: str) -> Path:
 
 def _resample(path: Path, order: int) -> np.ndarray:
     """The image at ``path`` on the common grid (world coordinates through its affine)."""
+    nibabel = _nibabel()  # first: says what to install when scipy or nibabel is missing
     from scipy.ndimage import map_coordinates
 
-    image = _nibabel().load(str(path))
+    image = nibabel.load(str(path))
     axes = [GRID_ORIGIN[a] + VOXEL_MM * np.arange(GRID_SHAPE[a]) for a in range(3)]
     world = np.stack([*np.meshgrid(*axes, indexing="ij"), np.ones(GRID_SHAPE)], axis=0).reshape(4, -1)
     voxels = (np.linalg.inv(image.affine) @ world)[:3]
@@ -182,9 +183,9 @@ def load_xray_crops(count: int, seed: int = 0) -> np.ndarray:
     """``count`` crops (float32, shaped like an axial slice of the grid, each
     normalised to mean 0 and std 1) from the radiographs, shrunk by
     :data:`XRAY_SHRINK`, at random places (``seed``) spread over both images."""
+    folder = _xray_folder()  # first: says what to install when pydicom is missing
     import pydicom
 
-    folder = _xray_folder()
     height, width = GRID_SHAPE[0], GRID_SHAPE[1]
     generator = np.random.default_rng(seed)
     crops = []
