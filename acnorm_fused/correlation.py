@@ -15,6 +15,7 @@ BatchNorm channel, so the fewer calls, the closer AC-Norm gets to BatchNorm.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -26,8 +27,11 @@ __all__ = [
     "signatures",
     "correlation",
     "correlation_from_stack",
+    "correlation_sum",
+    "recalibration_state",
     "recalibrate",
     "recalibrate_grad",
+    "WINDOWED_MIN_CHANNELS",
     "effective_affine",
 ]
 
@@ -101,6 +105,24 @@ def correlation(
     return correlation_from_stack(affines, eps, temperature)
 
 
+def correlation_sum(
+    weight: Tensor,
+    bias: Tensor,
+    weight_target: Tensor,
+    bias_target: Tensor,
+    eps: float = 1e-5,
+    temperature: float = 1.0,
+) -> float:
+    """The sum of the entries of :func:`correlation`'s ``S`` (AC-Corr's layer
+    score), as ``S`` applied to the ones vector: without forming ``S`` for a
+    wide layer."""
+    _check_affine_arguments("correlation_sum", weight, bias, weight_target, bias_target)
+    affines = stack_affines(weight, bias, weight_target, bias_target)
+    state = recalibration_state(affines, eps, temperature)
+    ones = torch.ones_like(affines[:1])
+    return float((recalibrate(state, ones, temperature) - ones).sum())
+
+
 def _check_affine_arguments(caller: str, *tensors) -> None:
     """The four affines of the public functions: tensors of one 1-D shape, one
     floating dtype and one device."""
@@ -117,23 +139,188 @@ def _check_affine_arguments(caller: str, *tensors) -> None:
             raise RuntimeError(f"{caller}: {name} is on {t.device} but weight is on {tensors[0].device}")
 
 
-def recalibrate(s: Tensor, affine_rows: Tensor) -> Tensor:
-    """``(I + S) v`` for each row ``v`` of ``affine_rows`` (shape ``(k, C)``), in ``s.dtype``.
+# From this many channels on, the torch backend, effective_affine and AC-Corr
+# apply S by windows over the sorted source signatures (O(C log C) time, O(C)
+# memory) instead of forming the C x C matrix: the crossover measured on a CPU
+# (the README gives the numbers).
+WINDOWED_MIN_CHANNELS = 1024
+
+
+def recalibration_state(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
+    """What :func:`recalibrate` and :func:`recalibrate_grad` need of the ``(4, C)``
+    rows made by :func:`stack_affines`: the dense ``S`` (``(C, C)``) below
+    :data:`WINDOWED_MIN_CHANNELS` channels, else the signature rows
+    ``[y_s, y_t]`` (``(2, C)``), from which the windowed products rebuild S's
+    action in O(C log C) without forming it."""
+    if affines.shape[1] < WINDOWED_MIN_CHANNELS:
+        return correlation_from_stack(affines, eps, temperature)
+    with _full_precision(affines.device):
+        return signatures(affines[0::2], affines[1::2], eps)
+
+
+def _is_windowed(state: Tensor) -> bool:
+    # (2, C) signature rows against a square S: C >= WINDOWED_MIN_CHANNELS > 2 keeps them apart.
+    return state.shape[0] != state.shape[1]
+
+
+def recalibrate(state: Tensor, affine_rows: Tensor, temperature: float = 1.0) -> Tensor:
+    """``(I + S) v`` for each row ``v`` of ``affine_rows`` (shape ``(k, C)``), in ``state.dtype``;
+    ``state`` is ``S`` or what :func:`recalibration_state` gives (with the same temperature).
 
     With rows ``[gamma_t, beta_t]`` this gives the effective affine ``[W, B]``.
-    Differentiable with respect to ``affine_rows`` (``S`` is constant).
+    Differentiable with respect to ``affine_rows`` for a dense ``S`` (a constant).
     """
-    with _full_precision(s.device):
-        rows = as_dtype(affine_rows, s.dtype)
-        return torch.addmm(rows, rows, s.t())
+    with _full_precision(state.device):
+        rows = as_dtype(affine_rows, state.dtype)
+        if _is_windowed(state):
+            return rows + _WindowedProduct.apply(state, rows, temperature)
+        return torch.addmm(rows, rows, state.t())
 
 
-def recalibrate_grad(s: Tensor, grad_rows: Tensor) -> Tensor:
+def recalibrate_grad(state: Tensor, grad_rows: Tensor, temperature: float = 1.0) -> Tensor:
     """``(I + S)^T g`` for each row ``g`` of ``grad_rows``: target-affine gradients
-    from the gradients of the effective affine."""
-    with _full_precision(s.device):
-        rows = as_dtype(grad_rows, s.dtype)
-        return torch.addmm(rows, rows, s)
+    from the gradients of the effective affine (``state`` as for :func:`recalibrate`)."""
+    with _full_precision(state.device):
+        rows = as_dtype(grad_rows, state.dtype)
+        if _is_windowed(state):
+            return rows + _Windows(state, temperature).rows_times_s_transposed(rows).to(state.dtype)
+        return torch.addmm(rows, rows, state)
+
+
+def _first_true(guess: Tensor, holds, count: int) -> Tensor:
+    """Per row, the first position ``k`` in ``[0, count]`` where ``holds(k)`` is
+    true, for a predicate that is false then true along ``k``; ``guess`` is an
+    estimate a few positions off at most (rounding), walked to the exact edge."""
+    k = guess.clamp(0, count)
+    while True:
+        back = (k > 0) & holds((k - 1).clamp(min=0))
+        ahead = (k < count) & ~holds(k.clamp(max=count - 1))
+        if not (back.any() or ahead.any()):
+            return k
+        k = k - back.long() + ahead.long()
+
+
+def _exclusive_prefix(logs: Tensor) -> Tensor:
+    """``out[..., m] = log(sum(exp(logs[..., :m])))``, ``m`` in ``[0, C]``."""
+    out = logs.new_full((*logs.shape[:-1], logs.shape[-1] + 1), -math.inf)
+    out[..., 1:] = torch.logcumsumexp(logs, dim=-1)
+    return out
+
+
+def _suffix(logs: Tensor) -> Tensor:
+    """``out[..., m] = log(sum(exp(logs[..., m:])))``, ``m`` in ``[0, C]``."""
+    out = logs.new_full((*logs.shape[:-1], logs.shape[-1] + 1), -math.inf)
+    out[..., :-1] = torch.logcumsumexp(logs.flip(-1), dim=-1).flip(-1)
+    return out
+
+
+def _signed_logs(values: Tensor, scale: Tensor) -> Tensor:
+    """``(2k, C)``: ``scale + log|v|`` of the positive entries of each row of ``values``,
+    then of the negative ones; ``-inf`` elsewhere (zeros add nothing)."""
+    logs = values.abs().log() + scale
+    minus_inf = torch.tensor(-math.inf, dtype=logs.dtype, device=logs.device)
+    return torch.cat((torch.where(values > 0, logs, minus_inf), torch.where(values < 0, logs, minus_inf)))
+
+
+def _signed_sum(exponents: Tensor, k: int) -> Tensor:
+    """Rows ``exp(positive) - exp(negative)`` of the ``(2k, ...)`` stack made from :func:`_signed_logs`."""
+    parts = exponents.exp()
+    return parts[:k] - parts[k:]
+
+
+class _WindowedProduct(torch.autograd.Function):
+    """``S v`` per row ``v``, from the signature rows; differentiable in ``v``
+    (its gradient is ``S^T g``), as ``v @ S.t()`` is with a dense ``S``."""
+
+    @staticmethod
+    def forward(ctx, state: Tensor, rows: Tensor, temperature: float) -> Tensor:
+        ctx.save_for_backward(state)
+        ctx.temperature = temperature
+        return _Windows(state, temperature).rows_times_s(rows).to(state.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
+        state, = ctx.saved_tensors
+        return None, _Windows(state, ctx.temperature).rows_times_s_transposed(grad).to(state.dtype), None
+
+
+class _Windows:
+    """S's action from the signatures alone.
+
+    Row ``i`` of S keeps the source channels ``j`` with ``|y_t[i] - y_s[j]| <=
+    |y_t[i] - y_s[i]|`` (the kernels' rule: ties with the diagonal kept): with
+    the source signatures sorted (``u``), a window ``[lo_i, hi_i)`` of sorted
+    positions around ``mid_i``, the first ``u >= y_t[i]``. Left of ``mid_i``
+    the softmax numerator is ``exp((u - y_t[i]) / T)``, right of it ``exp((y_t[i]
+    - u) / T)``: each a product of a per-row and a per-column factor, so sums
+    over a window are differences of prefix sums (left) and suffix sums
+    (right), each dominated by its terms next to ``y_t[i]``, so the differences
+    do not cancel. Everything runs in float64 and in the log domain (the
+    factors alone overflow for signatures far beyond T), sign by sign.
+    """
+
+    def __init__(self, state: Tensor, temperature: float):
+        y_s, y_t = state[0], state[1]
+        count = y_s.shape[0]
+        self.u, self.order = torch.sort(y_s, stable=True)
+        u = self.u
+        # The rule in the dtype the dense S decides it in; the window edges are
+        # walked to it exactly (the searches only estimate them).
+        radius = (y_t - y_s).abs()
+
+        def kept(k: Tensor) -> Tensor:
+            return (y_t - u[k]).abs() <= radius
+
+        self.mid = torch.searchsorted(u, y_t)
+        self.lo = _first_true(torch.searchsorted(u, y_t - radius), lambda k: (u[k] >= y_t) | kept(k), count)
+        self.hi = _first_true(torch.searchsorted(u, y_t + radius, right=True),
+                              lambda k: (u[k] > y_t) & ~kept(k), count)
+        self.scaled_u = u.double() / temperature
+        self.scaled_t = y_t.double() / temperature
+        left = _exclusive_prefix(self.scaled_u)[self.mid] - self.scaled_t
+        right = _suffix(-self.scaled_u)[self.mid] + self.scaled_t
+        self.log_z = torch.logaddexp(left, right)  # the softmax denominators, whole rows
+
+    def rows_times_s(self, rows: Tensor) -> Tensor:
+        """``S v`` for each row ``v`` of ``rows`` (``(k, C)``), float64."""
+        k = rows.shape[0]
+        values = rows.double()[:, self.order]
+        prefix = _exclusive_prefix(_signed_logs(values, self.scaled_u))
+        suffix = _suffix(_signed_logs(values, -self.scaled_u))
+        to_row = -self.scaled_t - self.log_z
+        from_row = self.scaled_t - self.log_z
+        return (_signed_sum(prefix[:, self.mid] + to_row, k) - _signed_sum(prefix[:, self.lo] + to_row, k)
+                + _signed_sum(suffix[:, self.mid] + from_row, k) - _signed_sum(suffix[:, self.hi] + from_row, k))
+
+    def rows_times_s_transposed(self, rows: Tensor) -> Tensor:
+        """``S^T g`` for each row ``g`` of ``rows`` (``(k, C)``), float64, in the
+        channels' own order: for source channel j, the sum over the rows whose
+        window holds it, as suffix sums over the rows ordered by window edge
+        (left side) and prefix sums (right side)."""
+        k = rows.shape[0]
+        g = rows.double()
+        positions = torch.arange(self.u.shape[0], device=g.device)
+        to_left = _signed_logs(g, -self.scaled_t - self.log_z)  # rows' factor, left of their centre
+        to_right = _signed_logs(g, self.scaled_t - self.log_z)
+
+        def rows_past(edge: Tensor) -> Tensor:
+            """Per sorted position p, the signed log-sum of ``to_left`` over rows with ``edge > p``."""
+            edges, by_edge = torch.sort(edge, stable=True)
+            return _suffix(to_left[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
+
+        def rows_up_to(edge: Tensor) -> Tensor:
+            """Per sorted position p, the signed log-sum of ``to_right`` over rows with ``edge <= p``."""
+            edges, by_edge = torch.sort(edge, stable=True)
+            return _exclusive_prefix(to_right[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
+
+        # Rows with lo <= p < mid hold p on their left, rows with mid <= p < hi on their right.
+        left = (_signed_sum(rows_past(self.mid) + self.scaled_u, k)
+                - _signed_sum(rows_past(self.lo) + self.scaled_u, k))
+        right = (_signed_sum(rows_up_to(self.mid) - self.scaled_u, k)
+                 - _signed_sum(rows_up_to(self.hi) - self.scaled_u, k))
+        out = torch.empty_like(g)
+        out[:, self.order] = left + right
+        return out
 
 
 def effective_affine(
@@ -152,6 +339,6 @@ def effective_affine(
     """
     _check_affine_arguments("effective_affine", weight, bias, weight_target, bias_target)
     affines = stack_affines(weight, bias, weight_target, bias_target)
-    s = correlation_from_stack(affines, eps, temperature)
-    w, b = recalibrate(s, torch.stack((weight_target, bias_target)))
+    state = recalibration_state(affines, eps, temperature)
+    w, b = recalibrate(state, torch.stack((weight_target, bias_target)), temperature)
     return w, b

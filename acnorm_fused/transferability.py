@@ -8,8 +8,9 @@ with the source channels. A layer's score is the sum of the entries of its
 over the chosen layers. Computed for several candidate models on the same
 task, it ranks them without finetuning each to the end.
 
-``S`` comes from :func:`acnorm_fused.correlation.correlation`, the one
-definition every backend uses.
+A layer's score, the sum of its ``S``, comes from
+:func:`acnorm_fused.correlation.correlation_sum`, beside the definition of ``S``
+every backend uses.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from ._checks import check_finite_affines_now
 from .convert import convert_model
-from .correlation import correlation
+from .correlation import correlation_sum
 
 __all__ = ["ac_corr", "ac_corr_layers", "load_checkpoint", "rank", "rank_checkpoints", "Candidate"]
 
@@ -137,8 +138,7 @@ def ac_corr_layers(
             # A NaN affine gives a NaN score, which would rank arbitrarily.
             check_finite_affines_now(f"ac_corr: layer {name!r}", torch.stack(rows))
             weight, bias, weight_target, bias_target = rows
-            s = correlation(weight, bias, weight_target, bias_target, eps=1e-5, temperature=1.0)
-        scores[name] = float(s.sum())
+            scores[name] = correlation_sum(weight, bias, weight_target, bias_target, eps=1e-5, temperature=1.0)
     return scores
 
 

@@ -27,7 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..correlation import as_dtype, compute_dtype, correlation_from_stack, recalibrate, recalibrate_grad
+from ..correlation import (
+    WINDOWED_MIN_CHANNELS,
+    as_dtype,
+    compute_dtype,
+    recalibrate,
+    recalibrate_grad,
+    recalibration_state,
+)
 from ..statistics import MOMENT_ROWS
 from .activation import activation_grad, apply_activation
 from .config import StepConfig
@@ -115,9 +122,10 @@ def _train_forward_own_reductions(
 
 
 def _effective_affine(affines: Tensor, eps: float, temperature: float, dtype: torch.dtype):
-    """``(aux, W, B)``: S with the effective affine as two more rows, and W, B in ``dtype``."""
-    s = correlation_from_stack(affines, eps, temperature)
-    aux = torch.cat((s, recalibrate(s, affines[2:])))
+    """``(aux, W, B)``: S (or, for wide layers, the signatures it is applied from)
+    with the effective affine as two more rows, and W, B in ``dtype``."""
+    state = recalibration_state(affines, eps, temperature)
+    aux = torch.cat((state, recalibrate(state, affines[2:], temperature)))
     return aux, as_dtype(aux[-2], dtype), as_dtype(aux[-1], dtype)
 
 
@@ -139,9 +147,11 @@ def _normalise_with(x: Tensor, w: Tensor, b: Tensor, mean: Tensor, var: Tensor,
 
 def aux_like(weight: Tensor) -> Tensor:
     """An empty tensor shaped like the ``aux`` this backend keeps for the backward
-    (``S`` with the effective affine ``W``, ``B`` as two more rows)."""
+    (``S``, or the two signature rows of a wide layer, with the effective affine
+    ``W``, ``B`` as two more rows)."""
     channels = weight.shape[0]
-    return weight.new_empty((channels + 2, channels), dtype=compute_dtype(weight.dtype))
+    state_rows = channels if channels < WINDOWED_MIN_CHANNELS else 2
+    return weight.new_empty((state_rows + 2, channels), dtype=compute_dtype(weight.dtype))
 
 
 def forward(
@@ -208,7 +218,7 @@ def backward(
         sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
         grad_w, grad_b = sum_dy_xmu * invstd, sum_dy
         grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
-    return grad_x, recalibrate_grad(s, torch.stack((grad_w, grad_b)))
+    return grad_x, recalibrate_grad(s, torch.stack((grad_w, grad_b)), config.temperature)
 
 
 def _through_activation(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
@@ -319,4 +329,4 @@ def backward_with_sums(
     grad_x.mul_(projection.neg()).add_(grad).sub_(mean_dy).mul_(_channel_view(w * invstd, ndim))
     grad_x = as_dtype(grad_x, x.dtype)
     grad_affine = torch.stack((local_sums[1] * invstd, local_sums[0]))
-    return grad_x, recalibrate_grad(aux[:-2], grad_affine)
+    return grad_x, recalibrate_grad(aux[:-2], grad_affine, config.temperature)
