@@ -32,6 +32,7 @@ __all__ = [
     "recalibrate",
     "recalibrate_grad",
     "WINDOWED_MIN_CHANNELS",
+    "windowed_state",
     "effective_affine",
 ]
 
@@ -149,17 +150,17 @@ WINDOWED_MIN_CHANNELS = 1024
 def recalibration_state(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
     """What :func:`recalibrate` and :func:`recalibrate_grad` need of the ``(4, C)``
     rows made by :func:`stack_affines`: the dense ``S`` (``(C, C)``) below
-    :data:`WINDOWED_MIN_CHANNELS` channels, else the signature rows
-    ``[y_s, y_t]`` (``(2, C)``), from which the windowed products rebuild S's
+    :data:`WINDOWED_MIN_CHANNELS` channels, else the ``(6, C)``
+    :func:`windowed_state`, from which the windowed products rebuild S's
     action in O(C log C) without forming it."""
     if affines.shape[1] < WINDOWED_MIN_CHANNELS:
         return correlation_from_stack(affines, eps, temperature)
     with _full_precision(affines.device):
-        return signatures(affines[0::2], affines[1::2], eps)
+        return windowed_state(signatures(affines[0::2], affines[1::2], eps))
 
 
 def _is_windowed(state: Tensor) -> bool:
-    # (2, C) signature rows against a square S: C >= WINDOWED_MIN_CHANNELS > 2 keeps them apart.
+    # (6, C) rows against a square S: C >= WINDOWED_MIN_CHANNELS > 6 keeps them apart.
     return state.shape[0] != state.shape[1]
 
 
@@ -168,7 +169,7 @@ def recalibrate(state: Tensor, affine_rows: Tensor, temperature: float = 1.0) ->
     ``state`` is ``S`` or what :func:`recalibration_state` gives (with the same temperature).
 
     With rows ``[gamma_t, beta_t]`` this gives the effective affine ``[W, B]``.
-    Differentiable with respect to ``affine_rows`` for a dense ``S`` (a constant).
+    Differentiable with respect to ``affine_rows`` (``S`` is a constant).
     """
     with _full_precision(state.device):
         rows = as_dtype(affine_rows, state.dtype)
@@ -192,12 +193,59 @@ def _first_true(guess: Tensor, holds, count: int) -> Tensor:
     true, for a predicate that is false then true along ``k``; ``guess`` is an
     estimate a few positions off at most (rounding), walked to the exact edge."""
     k = guess.clamp(0, count)
+    if k.device.type == "meta":  # shapes only: no values to walk by
+        return k
     while True:
         back = (k > 0) & holds((k - 1).clamp(min=0))
         ahead = (k < count) & ~holds(k.clamp(max=count - 1))
         if not (back.any() or ahead.any()):
             return k
         k = k - back.long() + ahead.long()
+
+
+# The widest range of signatures, in units of T, whose softmax factors are
+# taken in linear scale (about the range's middle): exp(+-_LINEAR_SPAN / 2) and
+# the row sums of C such products stay far inside float64's range.
+_LINEAR_SPAN = 400.0
+# Rows of a wide layer's state: y_s, y_t, the sorting order of y_s and each
+# row's window edges lo, mid, hi (positions < 2^24, exact in float32).
+WINDOW_ROWS = 6
+
+
+def windowed_state(signature_rows: Tensor) -> Tensor:
+    """The ``(6, C)`` state of the windowed products, from the signature rows
+    ``[y_s, y_t]``: those rows, the order that sorts ``y_s`` and per row ``i`` the
+    window ``[lo_i, hi_i)`` of sorted positions that S keeps (the kernels'
+    rule ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, ties kept) and ``mid_i``,
+    the first sorted position with ``y_s >= y_t[i]``."""
+    y_s, y_t = signature_rows[0], signature_rows[1]
+    count = y_s.shape[0]
+    u, order = torch.sort(y_s, stable=True)
+    # Decided in the signatures' dtype, as the dense S and the kernels decide it;
+    # the searches only estimate the edges, which are then walked to the rule exactly.
+    radius = (y_t - y_s).abs()
+
+    def kept(k: Tensor) -> Tensor:
+        return (y_t - u[k]).abs() <= radius
+
+    mid = torch.searchsorted(u, y_t)
+    lo = _first_true(torch.searchsorted(u, y_t - radius), lambda k: (u[k] >= y_t) | kept(k), count)
+    hi = _first_true(torch.searchsorted(u, y_t + radius, right=True), lambda k: (u[k] > y_t) & ~kept(k), count)
+    return torch.cat((signature_rows, torch.stack((order, lo, mid, hi)).to(signature_rows.dtype)))
+
+
+def _exclusive_cumsum(values: Tensor) -> Tensor:
+    """``out[..., m] = sum(values[..., :m])``, ``m`` in ``[0, C]``."""
+    out = values.new_zeros((*values.shape[:-1], values.shape[-1] + 1))
+    torch.cumsum(values, dim=-1, out=out[..., 1:])
+    return out
+
+
+def _suffix_cumsum(values: Tensor) -> Tensor:
+    """``out[..., m] = sum(values[..., m:])``, ``m`` in ``[0, C]``."""
+    out = values.new_zeros((*values.shape[:-1], values.shape[-1] + 1))
+    out[..., :-1] = values.flip(-1).cumsum(-1).flip(-1)
+    return out
 
 
 def _exclusive_prefix(logs: Tensor) -> Tensor:
@@ -245,46 +293,58 @@ class _WindowedProduct(torch.autograd.Function):
 
 
 class _Windows:
-    """S's action from the signatures alone.
+    """S's action from the window state alone (:func:`windowed_state`).
 
-    Row ``i`` of S keeps the source channels ``j`` with ``|y_t[i] - y_s[j]| <=
-    |y_t[i] - y_s[i]|`` (the kernels' rule: ties with the diagonal kept): with
-    the source signatures sorted (``u``), a window ``[lo_i, hi_i)`` of sorted
-    positions around ``mid_i``, the first ``u >= y_t[i]``. Left of ``mid_i``
-    the softmax numerator is ``exp((u - y_t[i]) / T)``, right of it ``exp((y_t[i]
-    - u) / T)``: each a product of a per-row and a per-column factor, so sums
-    over a window are differences of prefix sums (left) and suffix sums
-    (right), each dominated by its terms next to ``y_t[i]``, so the differences
-    do not cancel. Everything runs in float64 and in the log domain (the
-    factors alone overflow for signatures far beyond T), sign by sign.
+    Row ``i`` of S keeps a window ``[lo_i, hi_i)`` of the sorted source
+    signatures ``u`` around ``mid_i``, the first ``u >= y_t[i]``. Left of
+    ``mid_i`` the softmax numerator is ``exp((u - y_t[i]) / T)``, right of it
+    ``exp((y_t[i] - u) / T)``: each a product of a per-row and a per-column
+    factor, so sums over a window are differences of prefix sums (left) and
+    suffix sums (right), each dominated by its terms next to ``y_t[i]``, so the
+    differences do not cancel; S^T's sums over the rows whose window holds a
+    channel are the same differences over the rows ordered by window edge.
+    Everything runs in float64: with the factors taken about the middle of the
+    signatures' range while that range is at most :data:`_LINEAR_SPAN` times
+    T, else in the log domain, sign by sign (the factors alone overflow for
+    signatures far beyond T: a near-zero gamma gives signatures in the
+    thousands).
     """
 
     def __init__(self, state: Tensor, temperature: float):
-        y_s, y_t = state[0], state[1]
-        count = y_s.shape[0]
-        self.u, self.order = torch.sort(y_s, stable=True)
-        u = self.u
-        # The rule in the dtype the dense S decides it in; the window edges are
-        # walked to it exactly (the searches only estimate them).
-        radius = (y_t - y_s).abs()
-
-        def kept(k: Tensor) -> Tensor:
-            return (y_t - u[k]).abs() <= radius
-
-        self.mid = torch.searchsorted(u, y_t)
-        self.lo = _first_true(torch.searchsorted(u, y_t - radius), lambda k: (u[k] >= y_t) | kept(k), count)
-        self.hi = _first_true(torch.searchsorted(u, y_t + radius, right=True),
-                              lambda k: (u[k] > y_t) & ~kept(k), count)
-        self.scaled_u = u.double() / temperature
-        self.scaled_t = y_t.double() / temperature
-        left = _exclusive_prefix(self.scaled_u)[self.mid] - self.scaled_t
-        right = _suffix(-self.scaled_u)[self.mid] + self.scaled_t
-        self.log_z = torch.logaddexp(left, right)  # the softmax denominators, whole rows
+        y_s, y_t = state[0].double(), state[1].double()
+        self.order = state[2].long()
+        self.lo, self.mid, self.hi = state[3:6].long()
+        self.u = y_s[self.order]
+        low = torch.minimum(self.u[0], y_t.min())
+        high = torch.maximum(self.u[-1], y_t.max())
+        # Meta tensors (shape inference) have no range to measure; either way gives the shapes.
+        self.linear = y_s.device.type == "meta" or float(high - low) <= _LINEAR_SPAN * temperature
+        centre = (high + low) / 2 if self.linear else torch.zeros((), dtype=torch.float64)
+        self.scaled_u = (self.u - centre) / temperature
+        self.scaled_t = (y_t - centre) / temperature
+        if self.linear:
+            self.column_left = self.scaled_u.exp()  # exp((u - centre) / T)
+            self.column_right = self.column_left.reciprocal()
+            self.row_left = self.scaled_t.neg().exp()  # exp(-(y_t - centre) / T)
+            self.row_right = self.row_left.reciprocal()
+            z = (self.row_left * _exclusive_cumsum(self.column_left)[self.mid]
+                 + self.row_right * _suffix_cumsum(self.column_right)[self.mid])
+            self.log_z = z.log()
+        else:
+            left = _exclusive_prefix(self.scaled_u)[self.mid] - self.scaled_t
+            right = _suffix(-self.scaled_u)[self.mid] + self.scaled_t
+            self.log_z = torch.logaddexp(left, right)  # the softmax denominators, whole rows
 
     def rows_times_s(self, rows: Tensor) -> Tensor:
         """``S v`` for each row ``v`` of ``rows`` (``(k, C)``), float64."""
-        k = rows.shape[0]
         values = rows.double()[:, self.order]
+        if self.linear:
+            prefix = _exclusive_cumsum(values * self.column_left)
+            suffix = _suffix_cumsum(values * self.column_right)
+            kept = (self.row_left * (prefix[:, self.mid] - prefix[:, self.lo])
+                    + self.row_right * (suffix[:, self.mid] - suffix[:, self.hi]))
+            return kept / self.log_z.exp()
+        k = rows.shape[0]
         prefix = _exclusive_prefix(_signed_logs(values, self.scaled_u))
         suffix = _suffix(_signed_logs(values, -self.scaled_u))
         to_row = -self.scaled_t - self.log_z
@@ -294,32 +354,45 @@ class _Windows:
 
     def rows_times_s_transposed(self, rows: Tensor) -> Tensor:
         """``S^T g`` for each row ``g`` of ``rows`` (``(k, C)``), float64, in the
-        channels' own order: for source channel j, the sum over the rows whose
-        window holds it, as suffix sums over the rows ordered by window edge
-        (left side) and prefix sums (right side)."""
-        k = rows.shape[0]
+        channels' own order: for the channel at sorted position p, the rows
+        with ``lo <= p < mid`` hold it on their left, those with ``mid <= p <
+        hi`` on their right."""
         g = rows.double()
-        positions = torch.arange(self.u.shape[0], device=g.device)
-        to_left = _signed_logs(g, -self.scaled_t - self.log_z)  # rows' factor, left of their centre
-        to_right = _signed_logs(g, self.scaled_t - self.log_z)
+        if self.linear:
+            inverse_z = self.log_z.neg().exp()
+            count = g.shape[1]
+            # Per window edge, the rows' factors: + at mid and - at lo on the left
+            # (summed over edges after p), + at mid and - at hi on the right (up to p).
+            left_rows = g * (self.row_left * inverse_z)
+            right_rows = g * (self.row_right * inverse_z)
+            left = g.new_zeros((g.shape[0], count + 1)).index_add_(1, self.mid, left_rows)
+            left.index_add_(1, self.lo, left_rows.neg())
+            right = g.new_zeros((g.shape[0], count + 1)).index_add_(1, self.mid, right_rows)
+            right.index_add_(1, self.hi, right_rows.neg())
+            held = (_suffix_cumsum(left[:, 1:])[:, :-1] * self.column_left
+                    + right[:, :-1].cumsum(1) * self.column_right)
+        else:
+            k = g.shape[0]
+            positions = torch.arange(g.shape[1], device=g.device)
+            to_left = _signed_logs(g, -self.scaled_t - self.log_z)  # rows' factor, left of their centre
+            to_right = _signed_logs(g, self.scaled_t - self.log_z)
 
-        def rows_past(edge: Tensor) -> Tensor:
-            """Per sorted position p, the signed log-sum of ``to_left`` over rows with ``edge > p``."""
-            edges, by_edge = torch.sort(edge, stable=True)
-            return _suffix(to_left[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
+            def rows_past(edge: Tensor) -> Tensor:
+                """Per sorted position p, the signed log-sum of ``to_left`` over rows with ``edge > p``."""
+                edges, by_edge = torch.sort(edge, stable=True)
+                return _suffix(to_left[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
 
-        def rows_up_to(edge: Tensor) -> Tensor:
-            """Per sorted position p, the signed log-sum of ``to_right`` over rows with ``edge <= p``."""
-            edges, by_edge = torch.sort(edge, stable=True)
-            return _exclusive_prefix(to_right[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
+            def rows_up_to(edge: Tensor) -> Tensor:
+                """Per sorted position p, the signed log-sum of ``to_right`` over rows with ``edge <= p``."""
+                edges, by_edge = torch.sort(edge, stable=True)
+                return _exclusive_prefix(to_right[:, by_edge])[:, torch.searchsorted(edges, positions, right=True)]
 
-        # Rows with lo <= p < mid hold p on their left, rows with mid <= p < hi on their right.
-        left = (_signed_sum(rows_past(self.mid) + self.scaled_u, k)
-                - _signed_sum(rows_past(self.lo) + self.scaled_u, k))
-        right = (_signed_sum(rows_up_to(self.mid) - self.scaled_u, k)
-                 - _signed_sum(rows_up_to(self.hi) - self.scaled_u, k))
+            held = (_signed_sum(rows_past(self.mid) + self.scaled_u, k)
+                    - _signed_sum(rows_past(self.lo) + self.scaled_u, k)
+                    + _signed_sum(rows_up_to(self.mid) - self.scaled_u, k)
+                    - _signed_sum(rows_up_to(self.hi) - self.scaled_u, k))
         out = torch.empty_like(g)
-        out[:, self.order] = left + right
+        out[:, self.order] = held
         return out
 
 

@@ -55,6 +55,7 @@ def test_default_cases_cover_both_dtypes_and_layouts():
     assert {c.dtype for c in cases} == {"float32", "bfloat16"}
     assert {c.layout for c in cases} == {"contiguous", "channels_last"}
     assert Case((2, 32, 32, 32, 32)) in cases, "the CPU bar's shape"
+    assert Case((2, 4096, 4, 4, 4)) in cases, "a wide layer"
     gpu = default_cases(torch.device("cuda"))
     assert Case((2, 32, 128, 128, 128), "bfloat16", "channels_last") in gpu
 

@@ -207,17 +207,18 @@ def test_public_correlation_functions_check_their_arguments(function):
     assert call(w, w, w, w) is not None
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
-def test_forward_on_the_meta_device(backend):
+@pytest.mark.parametrize("backend,channels", [("auto", 4), ("reference", 4), ("auto", 1024)])
+def test_forward_on_the_meta_device(backend, channels):
     """Shape inference and deferred initialisation: a layer on the meta device
-    runs forward and backward, training and eval, without reading any value;
-    a kernel backend that cannot take meta tensors says so, naming the layer."""
-    layer = acn.ACNorm3d(4, backend=backend).to("meta")
-    x = torch.empty(2, 4, 3, 3, 3, device="meta", requires_grad=True)
+    runs forward and backward, training and eval, without reading any value
+    (1024 channels: the windowed C x C step too); a kernel backend that cannot
+    take meta tensors says so, naming the layer."""
+    layer = acn.ACNorm3d(channels, backend=backend).to("meta")
+    x = torch.empty(2, channels, 3, 3, 3, device="meta", requires_grad=True)
     out = layer(x)
     assert out.shape == x.shape and out.device.type == "meta"
     out.sum().backward()
     assert x.grad.shape == x.shape
     assert layer.eval()(x).shape == x.shape
-    with pytest.raises(RuntimeError, match=r"ACNorm3d\(4\): backend 'cuda' "):
-        acn.ACNorm3d(4, backend="cuda").to("meta")(x)
+    with pytest.raises(RuntimeError, match=rf"ACNorm3d\({channels}\): backend 'cuda' "):
+        acn.ACNorm3d(channels, backend="cuda").to("meta")(x)

@@ -60,12 +60,12 @@ def _dense_and_windowed(affines: torch.Tensor, temperature: float, dense_dtype=t
     parameters' dtype (the dense path compares the softmax values instead,
     which can differ where distances differ by a rounding); and the windowed
     state of ``affines``."""
-    state = correlation.signatures(affines[0::2], affines[1::2], 1e-5)
-    y_s, y_t = state
+    signatures = correlation.signatures(affines[0::2], affines[1::2], 1e-5)
+    y_s, y_t = signatures
     kept = (y_t[:, None] - y_s).abs() <= (y_t - y_s).abs()[:, None]
-    y_s, y_t = state.to(dense_dtype)  # the same signatures, not recomputed in dense_dtype
+    y_s, y_t = signatures.to(dense_dtype)  # the same signatures, not recomputed in dense_dtype
     affinity = torch.softmax((y_t[:, None] - y_s).abs().div(-temperature), dim=1)
-    return affinity * kept, state
+    return affinity * kept, correlation.windowed_state(signatures)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -80,6 +80,17 @@ def test_windowed_products_equal_the_dense_ones_in_float64(kind, temperature, ch
     torch.testing.assert_close(forward, torch.addmm(rows, rows, s.t()), rtol=1e-9, atol=1e-9)
     backward = correlation.recalibrate_grad(state, grads, temperature)
     torch.testing.assert_close(backward, torch.addmm(grads, grads, s), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind,temperature,linear", [
+    ("random", 1.0, True), ("random", 0.01, False), ("magnitudes", 1e4, True), ("magnitudes", 1.0, False),
+])
+def test_both_scales_of_the_sums_are_taken(kind, temperature, linear):
+    """Signatures within 400 T of each other are summed in linear scale, wider
+    ranges in the log domain: the float64 test above covers both."""
+    affines = _affines_with(*_signatures(kind, 1024, seed=1024), seed=1)
+    _, state = _dense_and_windowed(affines, temperature)
+    assert correlation._Windows(state, temperature).linear is linear
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -104,7 +115,7 @@ def test_ties_with_the_diagonal_are_kept():
     """Target = source on a coarse grid: row i keeps exactly the channels whose
     signature equals y_s[i]; the windowed product sees the same entries."""
     y = torch.round(8 * random_input((1024,), 4, torch.float64)) / 8  # exact ties
-    state = torch.stack((y, y))
+    state = correlation.windowed_state(torch.stack((y, y)))
     affinity = torch.softmax((y[:, None] - y).abs().div(-1.0), dim=1)
     s = affinity * (y[:, None] == y[None, :])
     assert torch.equal(s > 0, affinity >= affinity.diagonal()[:, None]), "the dense rule agrees on exact ties"
@@ -121,7 +132,7 @@ def test_windowed_path_by_hand_on_a_small_layer(monkeypatch):
     for temperature in (0.3, 1.0, 5.0):
         s = hand_correlation(*params, temperature=temperature)
         state = correlation.recalibration_state(correlation.stack_affines(*params), 1e-5, temperature)
-        assert state.shape == (2, 7), "the windowed state: the signature rows"
+        assert state.shape == (correlation.WINDOW_ROWS, 7), "the windowed state"
         w, b = acn.effective_affine(*params, temperature=temperature)
         torch.testing.assert_close(w, params[2] + s @ params[2], rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(b, params[3] + s @ params[3], rtol=1e-12, atol=1e-14)

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..correlation import (
+    WINDOW_ROWS,
     WINDOWED_MIN_CHANNELS,
     as_dtype,
     compute_dtype,
@@ -147,10 +148,10 @@ def _normalise_with(x: Tensor, w: Tensor, b: Tensor, mean: Tensor, var: Tensor,
 
 def aux_like(weight: Tensor) -> Tensor:
     """An empty tensor shaped like the ``aux`` this backend keeps for the backward
-    (``S``, or the two signature rows of a wide layer, with the effective affine
+    (``S``, or a wide layer's window state, with the effective affine
     ``W``, ``B`` as two more rows)."""
     channels = weight.shape[0]
-    state_rows = channels if channels < WINDOWED_MIN_CHANNELS else 2
+    state_rows = channels if channels < WINDOWED_MIN_CHANNELS else WINDOW_ROWS
     return weight.new_empty((state_rows + 2, channels), dtype=compute_dtype(weight.dtype))
 
 

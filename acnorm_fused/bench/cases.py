@@ -28,6 +28,9 @@ GPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 128, 128, 128), (2, 64, 6
 # Smaller 3D shapes that a CPU runs in seconds; the first is the CPU bar's shape.
 CPU_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32), (2, 64, 16, 16, 16), (2, 16, 48, 48, 48))
 CPU_CHANNELS_LAST_SHAPES: tuple[Shape, ...] = ((2, 32, 32, 32, 32),)
+# Wide layers with few values per channel, where the C x C step is the cost
+# (float32, contiguous, on a CPU).
+CPU_WIDE_SHAPES: tuple[Shape, ...] = ((2, 1024, 4, 4, 4), (2, 2048, 4, 4, 4), (2, 4096, 4, 4, 4))
 TABLE_DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "channels_last")
 
@@ -46,7 +49,7 @@ class Case:
 
 def default_cases(device: torch.device) -> list[Case]:
     """The per-layer table's rows: the medical 3D shapes on a GPU, smaller 3D
-    shapes on a CPU; fp32 and bf16 each."""
+    shapes on a CPU; fp32 and bf16 each; on a CPU also the wide layers (fp32)."""
     if device.type == "cuda":
         shapes, cl_shapes = GPU_SHAPES, GPU_CHANNELS_LAST_SHAPES
     else:
@@ -55,6 +58,8 @@ def default_cases(device: torch.device) -> list[Case]:
     for dtype in TABLE_DTYPES:
         cases += [Case(shape, dtype) for shape in shapes]
         cases += [Case(shape, dtype, "channels_last") for shape in cl_shapes]
+    if device.type != "cuda":
+        cases += [Case(shape) for shape in CPU_WIDE_SHAPES]
     return cases
 
 
