@@ -188,19 +188,28 @@ def recalibrate_grad(state: Tensor, grad_rows: Tensor, temperature: float = 1.0)
         return torch.addmm(rows, rows, state)
 
 
-def _first_true(guess: Tensor, holds, count: int) -> Tensor:
-    """Per row, the first position ``k`` in ``[0, count]`` where ``holds(k)`` is
-    true, for a predicate that is false then true along ``k``; ``guess`` is an
-    estimate a few positions off at most (rounding), walked to the exact edge."""
-    k = guess.clamp(0, count)
-    if k.device.type == "meta":  # shapes only: no values to walk by
-        return k
+def _window_edges(u: Tensor, y_t: Tensor, radius: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, the window ``[lo, hi)`` of the sorted ``u`` within ``radius`` of
+    ``y_t`` by the rule ``|y_t - u| <= radius`` as rounded, from estimates a
+    few positions off at most (searches on ``y_t -+ radius``, which round
+    differently): each edge is walked until the entry before it is outside
+    and the one at it inside (``lo``), or the other way round (``hi``)."""
+    count = u.shape[0]
+    lo, hi = lo.clamp(0, count), hi.clamp(0, count)
+    if u.device.type == "meta":  # shapes only: no values to walk by
+        return lo, hi
     while True:
-        back = (k > 0) & holds((k - 1).clamp(min=0))
-        ahead = (k < count) & ~holds(k.clamp(max=count - 1))
-        if not (back.any() or ahead.any()):
-            return k
-        k = k - back.long() + ahead.long()
+        at = torch.stack((lo - 1, lo, hi - 1, hi)).clamp_(0, count - 1)
+        v = u[at]
+        kept = (y_t - v).abs() <= radius
+        # The left edge: u >= y_t or kept, false then true; the right edge: u > y_t and not kept.
+        starts = (v[:2] >= y_t) | kept[:2]
+        ends = (v[2:] > y_t) & ~kept[2:]
+        lo_step = ((lo < count) & ~starts[1]).long() - ((lo > 0) & starts[0]).long()
+        hi_step = ((hi < count) & ~ends[1]).long() - ((hi > 0) & ends[0]).long()
+        if not (lo_step.any() or hi_step.any()):
+            return lo, hi
+        lo, hi = lo + lo_step, hi + hi_step
 
 
 # The widest range of signatures, in units of T, whose softmax factors are
@@ -219,18 +228,13 @@ def windowed_state(signature_rows: Tensor) -> Tensor:
     rule ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, ties kept) and ``mid_i``,
     the first sorted position with ``y_s >= y_t[i]``."""
     y_s, y_t = signature_rows[0], signature_rows[1]
-    count = y_s.shape[0]
     u, order = torch.sort(y_s, stable=True)
     # Decided in the signatures' dtype, as the dense S and the kernels decide it;
     # the searches only estimate the edges, which are then walked to the rule exactly.
     radius = (y_t - y_s).abs()
-
-    def kept(k: Tensor) -> Tensor:
-        return (y_t - u[k]).abs() <= radius
-
     mid = torch.searchsorted(u, y_t)
-    lo = _first_true(torch.searchsorted(u, y_t - radius), lambda k: (u[k] >= y_t) | kept(k), count)
-    hi = _first_true(torch.searchsorted(u, y_t + radius, right=True), lambda k: (u[k] > y_t) & ~kept(k), count)
+    lo, hi = _window_edges(u, y_t, radius, torch.searchsorted(u, y_t - radius),
+                           torch.searchsorted(u, y_t + radius, right=True))
     return torch.cat((signature_rows, torch.stack((order, lo, mid, hi)).to(signature_rows.dtype)))
 
 
