@@ -101,8 +101,7 @@ def correlation(
     entry (ties kept, so the diagonal always is) and zeroes the rest. ``S`` is
     detached: no gradient flows through it.
     """
-    _check_affine_arguments("correlation", weight, bias, weight_target, bias_target)
-    affines = stack_affines(weight, bias, weight_target, bias_target)
+    affines = _checked_stack("correlation", weight, bias, weight_target, bias_target)
     return correlation_from_stack(affines, eps, temperature)
 
 
@@ -117,11 +116,17 @@ def correlation_sum(
     """The sum of the entries of :func:`correlation`'s ``S`` (AC-Corr's layer
     score), as ``S`` applied to the ones vector: without forming ``S`` for a
     wide layer."""
-    _check_affine_arguments("correlation_sum", weight, bias, weight_target, bias_target)
-    affines = stack_affines(weight, bias, weight_target, bias_target)
+    affines = _checked_stack("correlation_sum", weight, bias, weight_target, bias_target)
     state = recalibration_state(affines, eps, temperature)
     ones = torch.ones_like(affines[:1])
     return float((recalibrate(state, ones, temperature) - ones).sum())
+
+
+def _checked_stack(caller: str, weight: Tensor, bias: Tensor, weight_target: Tensor,
+                   bias_target: Tensor) -> Tensor:
+    """:func:`stack_affines` of the public functions' arguments, checked first."""
+    _check_affine_arguments(caller, weight, bias, weight_target, bias_target)
+    return stack_affines(weight, bias, weight_target, bias_target)
 
 
 def _check_affine_arguments(caller: str, *tensors) -> None:
@@ -286,14 +291,13 @@ class _WindowedProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, state: Tensor, rows: Tensor, temperature: float) -> Tensor:
-        ctx.save_for_backward(state)
-        ctx.temperature = temperature
-        return _Windows(state, temperature).rows_times_s(rows).to(state.dtype)
+        ctx.windows = _Windows(state, temperature)  # its sums' factors serve the backward too
+        ctx.dtype = state.dtype
+        return ctx.windows.rows_times_s(rows).to(state.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
-        state, = ctx.saved_tensors
-        return None, _Windows(state, ctx.temperature).rows_times_s_transposed(grad).to(state.dtype), None
+        return None, ctx.windows.rows_times_s_transposed(grad).to(ctx.dtype), None
 
 
 class _Windows:
@@ -318,13 +322,13 @@ class _Windows:
         y_s, y_t = state[0].double(), state[1].double()
         self.order = state[2].long()
         self.lo, self.mid, self.hi = state[3:6].long()
-        self.u = y_s[self.order]
-        low = torch.minimum(self.u[0], y_t.min())
-        high = torch.maximum(self.u[-1], y_t.max())
+        u = y_s[self.order]
+        low = torch.minimum(u[0], y_t.min())
+        high = torch.maximum(u[-1], y_t.max())
         # Meta tensors (shape inference) have no range to measure; either way gives the shapes.
         self.linear = y_s.device.type == "meta" or float(high - low) <= _LINEAR_SPAN * temperature
         centre = (high + low) / 2 if self.linear else torch.zeros((), dtype=torch.float64)
-        self.scaled_u = (self.u - centre) / temperature
+        self.scaled_u = (u - centre) / temperature
         self.scaled_t = (y_t - centre) / temperature
         if self.linear:
             self.column_left = self.scaled_u.exp()  # exp((u - centre) / T)
@@ -333,7 +337,7 @@ class _Windows:
             self.row_right = self.row_left.reciprocal()
             z = (self.row_left * _exclusive_cumsum(self.column_left)[self.mid]
                  + self.row_right * _suffix_cumsum(self.column_right)[self.mid])
-            self.log_z = z.log()
+            self.inverse_z = z.reciprocal()
         else:
             left = _exclusive_prefix(self.scaled_u)[self.mid] - self.scaled_t
             right = _suffix(-self.scaled_u)[self.mid] + self.scaled_t
@@ -347,7 +351,7 @@ class _Windows:
             suffix = _suffix_cumsum(values * self.column_right)
             kept = (self.row_left * (prefix[:, self.mid] - prefix[:, self.lo])
                     + self.row_right * (suffix[:, self.mid] - suffix[:, self.hi]))
-            return kept / self.log_z.exp()
+            return kept * self.inverse_z
         k = rows.shape[0]
         prefix = _exclusive_prefix(_signed_logs(values, self.scaled_u))
         suffix = _suffix(_signed_logs(values, -self.scaled_u))
@@ -363,12 +367,11 @@ class _Windows:
         hi`` on their right."""
         g = rows.double()
         if self.linear:
-            inverse_z = self.log_z.neg().exp()
             count = g.shape[1]
             # Per window edge, the rows' factors: + at mid and - at lo on the left
             # (summed over edges after p), + at mid and - at hi on the right (up to p).
-            left_rows = g * (self.row_left * inverse_z)
-            right_rows = g * (self.row_right * inverse_z)
+            left_rows = g * (self.row_left * self.inverse_z)
+            right_rows = g * (self.row_right * self.inverse_z)
             left = g.new_zeros((g.shape[0], count + 1)).index_add_(1, self.mid, left_rows)
             left.index_add_(1, self.lo, left_rows.neg())
             right = g.new_zeros((g.shape[0], count + 1)).index_add_(1, self.mid, right_rows)
@@ -414,8 +417,7 @@ def effective_affine(
     :func:`correlation`; gradient flows to ``weight_target`` and
     ``bias_target`` only.
     """
-    _check_affine_arguments("effective_affine", weight, bias, weight_target, bias_target)
-    affines = stack_affines(weight, bias, weight_target, bias_target)
+    affines = _checked_stack("effective_affine", weight, bias, weight_target, bias_target)
     state = recalibration_state(affines, eps, temperature)
     w, b = recalibrate(state, torch.stack((weight_target, bias_target)), temperature)
     return w, b

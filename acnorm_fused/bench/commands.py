@@ -193,7 +193,7 @@ def run_host(args: argparse.Namespace) -> int:
 
     device = _device(args)
     cases = _cases(args, HOST_GPU_CASES if device.type == "cuda" else HOST_CPU_CASES)
-    machine = _machine(device, system_malloc=True)
+    machine = _machine(device, args.system_malloc)
     print(f"acnorm bench host: {len(cases)} cases on {machine}", file=sys.stderr)
     report = host.run(cases, device, machine, repeats=args.repeats, progress=_progress)
     print(report)
@@ -236,6 +236,10 @@ def run_audit(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=_bench_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+
+
 def _add_case_options(parser: argparse.ArgumentParser, shapes_default: str) -> None:
     parser.add_argument("--shapes", nargs="+", type=_parse_shape, metavar="NxCxDxHxW",
                         help=f"shapes to run (default: {shapes_default})")
@@ -261,7 +265,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
 
     table = modes.add_parser(
         "table", help="forward+backward of the reference, acnorm and nn.BatchNorm3d per layer (the default)")
-    table.add_argument("--device", type=_bench_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _add_device(table)
     _add_case_options(table, "the standard set for the device")
     table.add_argument("--repeats", type=_int_at_least(1), default=20,
                        help="CPU: timed steps per layer (median); CUDA: repeats // 5 rounds of 10 * repeats ms")
@@ -274,7 +278,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     nets = modes.add_parser(
         "network", help="the training step of whole networks, BatchNorm original against converted to "
                         "AC-Norm and to the authors' formulation")
-    nets.add_argument("--device", type=_bench_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _add_device(nets)
     nets.add_argument("--networks", nargs="+", choices=list(network.NETWORKS),
                       help="default: all; on a GPU a set of rows sized to about 3 minutes")
     nets.add_argument("--dtypes", nargs="+", choices=DTYPES,
@@ -304,10 +308,11 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
                     "functions and operators it goes to. On a CPU also the Python calls, aten ops, new "
                     "storages and wall time of one step against BatchNorm3d, the kernel launches doing "
                     "nothing (host-cost.md).")
-    host.add_argument("--device", type=_bench_device, default="auto", help="auto (default), cpu, cuda or cuda:N")
+    _add_device(host)
     _add_case_options(host, "this profile's own cases")
     host.add_argument("--repeats", type=_int_at_least(10), default=20, help="timed steps per layer (median)")
     _add_out(host, "host-profile.md (and on a CPU host-cost.md)")
+    _add_system_malloc(host)
     host.set_defaults(func=run_host)
 
 
