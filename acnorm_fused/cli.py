@@ -14,6 +14,7 @@ import torch
 from . import __version__
 from .backends import available_backends, cuda_extension_status, resolve_backend
 from .bench import commands
+from .correlation import compiled_windows_status
 
 
 def _module_version(name: str) -> str:
@@ -31,6 +32,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'none'})")
     print(f"triton       {_module_version('triton')}")
     print(f"cuda kernels {cuda_extension_status()}")
+    print(f"cpu windows  {compiled_windows_status()}")
     print(f"numpy        {_module_version('numpy')}")
     print(f"backends     {', '.join(available_backends())}")
     if cuda:

@@ -20,6 +20,14 @@ import math
 import torch
 from torch import Tensor
 
+try:  # the windowed products compiled (csrc/cpu/windowed.c); the PyTorch ones below stand in without it
+    from . import _cpu as _compiled
+except ImportError as _error:
+    _compiled = None
+    _COMPILED_ERROR = str(_error)
+else:
+    _COMPILED_ERROR = ""
+
 __all__ = [
     "compute_dtype",
     "as_dtype",
@@ -32,7 +40,10 @@ __all__ = [
     "recalibrate",
     "recalibrate_grad",
     "WINDOWED_MIN_CHANNELS",
+    "COMPILED_WINDOWED_MIN_CHANNELS",
+    "uses_windows",
     "windowed_state",
+    "compiled_windows_status",
     "effective_affine",
 ]
 
@@ -147,25 +158,46 @@ def _check_affine_arguments(caller: str, *tensors) -> None:
 
 # From this many channels on, the torch backend, effective_affine and AC-Corr
 # apply S by windows over the sorted source signatures (O(C log C) time, O(C)
-# memory) instead of forming the C x C matrix: the crossover measured on a CPU
-# (the README gives the numbers).
+# memory) instead of forming the C x C matrix: the crossovers measured on a
+# CPU (the README gives the numbers), for the windowed products in PyTorch
+# operations and for their compiled version (CPU tensors, when installed).
 WINDOWED_MIN_CHANNELS = 1024
+COMPILED_WINDOWED_MIN_CHANNELS = 1024
+
+
+def _compiled_runs(t: Tensor) -> bool:
+    """Whether the compiled windowed products take ``t`` (a state or its rows)."""
+    return _compiled is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def uses_windows(channels: int, device: torch.device) -> bool:
+    """Whether a layer of ``channels`` channels with parameters on ``device``
+    applies S by windows (:func:`recalibration_state`) rather than densely."""
+    compiled = _compiled is not None and device.type == "cpu"
+    return channels >= (COMPILED_WINDOWED_MIN_CHANNELS if compiled else WINDOWED_MIN_CHANNELS)
+
+
+def compiled_windows_status() -> str:
+    """One line on the compiled windowed products: where they load from, or why not."""
+    if _compiled is None:
+        return f"not built ({_COMPILED_ERROR}); the PyTorch version runs instead"
+    return f"built ({_compiled.__file__})"
 
 
 def recalibration_state(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
     """What :func:`recalibrate` and :func:`recalibrate_grad` need of the ``(4, C)``
     rows made by :func:`stack_affines`: the dense ``S`` (``(C, C)``) below
-    :data:`WINDOWED_MIN_CHANNELS` channels, else the ``(6, C)``
-    :func:`windowed_state`, from which the windowed products rebuild S's
-    action in O(C log C) without forming it."""
-    if affines.shape[1] < WINDOWED_MIN_CHANNELS:
+    the width where the windowed form wins (:func:`uses_windows`), else the
+    ``(6, C)`` :func:`windowed_state`, from which the windowed products
+    rebuild S's action in O(C log C) without forming it."""
+    if not uses_windows(affines.shape[1], affines.device):
         return correlation_from_stack(affines, eps, temperature)
     with _full_precision(affines.device):
         return windowed_state(signatures(affines[0::2], affines[1::2], eps))
 
 
 def _is_windowed(state: Tensor) -> bool:
-    # (6, C) rows against a square S: C >= WINDOWED_MIN_CHANNELS > 6 keeps them apart.
+    # (6, C) rows against a square S: windows start far above 6 channels.
     return state.shape[0] != state.shape[1]
 
 
@@ -179,7 +211,9 @@ def recalibrate(state: Tensor, affine_rows: Tensor, temperature: float = 1.0) ->
     with _full_precision(state.device):
         rows = as_dtype(affine_rows, state.dtype)
         if _is_windowed(state):
-            return rows + _WindowedProduct.apply(state, rows, temperature)
+            if torch.is_grad_enabled() and rows.requires_grad:
+                return _WindowedRecalibration.apply(state, rows, temperature)
+            return _windowed_product(state, rows, temperature, transposed=False)
         return torch.addmm(rows, rows, state.t())
 
 
@@ -189,7 +223,7 @@ def recalibrate_grad(state: Tensor, grad_rows: Tensor, temperature: float = 1.0)
     with _full_precision(state.device):
         rows = as_dtype(grad_rows, state.dtype)
         if _is_windowed(state):
-            return rows + _Windows(state, temperature).rows_times_s_transposed(rows).to(state.dtype)
+            return _windowed_product(state, rows, temperature, transposed=True)
         return torch.addmm(rows, rows, state)
 
 
@@ -224,6 +258,9 @@ _LINEAR_SPAN = 400.0
 # Rows of a wide layer's state: y_s, y_t, the sorting order of y_s and each
 # row's window edges lo, mid, hi (positions < 2^24, exact in float32).
 WINDOW_ROWS = 6
+if _compiled is not None and getattr(_compiled, "WINDOW_ROWS", None) != WINDOW_ROWS:
+    # Built from other sources: refused, never misread.
+    _compiled, _COMPILED_ERROR = None, "acnorm_fused._cpu numbers the window state's rows differently"
 
 
 def windowed_state(signature_rows: Tensor) -> Tensor:
@@ -232,6 +269,11 @@ def windowed_state(signature_rows: Tensor) -> Tensor:
     window ``[lo_i, hi_i)`` of sorted positions that S keeps (the kernels'
     rule ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, ties kept) and ``mid_i``,
     the first sorted position with ``y_s >= y_t[i]``."""
+    if _compiled_runs(signature_rows):
+        rows = signature_rows.contiguous()
+        state = rows.new_empty((WINDOW_ROWS, rows.shape[1]))
+        _compiled.window_state(rows.shape[1], rows.dtype == torch.float64, rows.data_ptr(), state.data_ptr())
+        return state
     y_s, y_t = signature_rows[0], signature_rows[1]
     u, order = torch.sort(y_s, stable=True)
     # Decided in the signatures' dtype, as the dense S and the kernels decide it;
@@ -285,19 +327,35 @@ def _signed_sum(exponents: Tensor, k: int) -> Tensor:
     return parts[:k] - parts[k:]
 
 
-class _WindowedProduct(torch.autograd.Function):
-    """``S v`` per row ``v``, from the signature rows; differentiable in ``v``
-    (its gradient is ``S^T g``), as ``v @ S.t()`` is with a dense ``S``."""
+def _windowed_product(state: Tensor, rows: Tensor, temperature: float, transposed: bool) -> Tensor:
+    """``(I + S) v`` (or ``(I + S)^T g`` when ``transposed``) for each row of ``rows``,
+    S given by a :func:`windowed_state`, in ``state.dtype``: compiled where it
+    is installed and takes the state, else by :class:`_Windows`."""
+    if _compiled_runs(state):
+        rows = rows.contiguous()
+        out = torch.empty_like(rows)
+        _compiled.window_product(state.shape[1], state.dtype == torch.float64, state.contiguous().data_ptr(),
+                                 temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(), transposed)
+        return out
+    windows = _Windows(state, temperature)
+    product = windows.rows_times_s_transposed(rows) if transposed else windows.rows_times_s(rows)
+    return rows + product.to(state.dtype)
+
+
+class _WindowedRecalibration(torch.autograd.Function):
+    """``(I + S) v`` per row ``v``, from the window state; differentiable in ``v``
+    (its gradient is ``(I + S)^T g``), as ``v @ (I + S).t()`` is with a dense ``S``."""
 
     @staticmethod
     def forward(ctx, state: Tensor, rows: Tensor, temperature: float) -> Tensor:
-        ctx.windows = _Windows(state, temperature)  # its sums' factors serve the backward too
-        ctx.dtype = state.dtype
-        return ctx.windows.rows_times_s(rows).to(state.dtype)
+        ctx.save_for_backward(state)
+        ctx.temperature = temperature
+        return _windowed_product(state, rows, temperature, transposed=False)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[None, Tensor, None]:
-        return None, ctx.windows.rows_times_s_transposed(grad).to(ctx.dtype), None
+        state, = ctx.saved_tensors
+        return None, _windowed_product(state, grad, ctx.temperature, transposed=True), None
 
 
 class _Windows:

@@ -1,17 +1,22 @@
-"""Building ``acnorm_fused._cuda`` from the sources in ``csrc/acnorm``, for
-``setup.py`` (nvcc, GPU code) and for the tests (the host emulator, no GPU).
+"""Building the compiled modules from ``csrc/``, for ``setup.py`` and the tests.
 
-A generated ninja file compiles the kernels with nvcc, or with the host
-compiler under ``-DACNORM_EMULATE``, and the pybind11 binding with the host
-compiler, then links them with the static CUDA runtime and no torch library.
+``acnorm_fused._cuda`` (``csrc/acnorm``): a generated ninja file compiles the
+kernels with nvcc (GPU code), or with the host compiler under
+``-DACNORM_EMULATE`` (the host emulator, no GPU), and the pybind11 binding
+with the host compiler, then links them with the static CUDA runtime and no
+torch library.
 
-The GPU module's binding and link use zig's clang (the ``ziglang`` package)
-targeting glibc :data:`GLIBC_TARGET`, so that the module loads on every Linux
-that torch's own wheels (manylinux_2_28) load on; ``ACNORM_HOST_TOOLCHAIN``
-picks it (:func:`host_toolchain`). nvcc keeps its supported host compiler (gcc)
-for the kernels' host code: its objects only use the Itanium C++ ABI
-(``__cxa_*``, the personality routine, the unwinder) that zig's libc++abi and
-libunwind provide as well, and nvcc's headers refuse libc++ on x86.
+``acnorm_fused._cpu`` (``csrc/cpu``): one C file against the CPython API
+(the wide layers' C x C step), compiled and linked in one command.
+
+Both are linked by zig (the ``ziglang`` package) targeting glibc
+:data:`GLIBC_TARGET`, so that they load on every Linux that torch's own
+wheels (manylinux_2_28) load on; ``ACNORM_HOST_TOOLCHAIN`` picks the
+compiler (:func:`host_toolchain`, :func:`c_toolchain`). nvcc keeps its
+supported host compiler (gcc) for the kernels' host code: its objects only
+use the Itanium C++ ABI (``__cxa_*``, the personality routine, the unwinder)
+that zig's libc++abi and libunwind provide as well, and nvcc's headers refuse
+libc++ on x86.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import importlib.util
 import os
 import platform
 import re
+import shlex
 import shutil
 import struct
 import subprocess
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "acnorm"
+CPU_SOURCES = Path(__file__).resolve().parent / "cpu"
 DEFAULT_ARCHS = "8.0 8.6 8.9 9.0 10.0 12.0+PTX"
 _ARCH = re.compile(r"^(\d+)\.(\d+)([af]?)(\+PTX)?$")
 # The newest glibc the GPU module may need: that of torch's own Linux wheels.
@@ -155,23 +162,60 @@ def toolchain_choice() -> str:
     return choice
 
 
+def _target_zig(module: str) -> str | None:
+    """zig for :data:`GLIBC_TARGET` by :func:`toolchain_choice`, or None for the
+    system compiler (with a warning when zig was wanted but is not installed)."""
+    choice = toolchain_choice()
+    if choice == "system":
+        return None
+    zig = zig_binary() if sys.platform == "linux" and platform.machine() == "x86_64" else None
+    if zig is None and choice == "zig":
+        raise FileNotFoundError("ACNORM_HOST_TOOLCHAIN=zig needs the ziglang package on Linux x86_64 "
+                                "(pip install ziglang)")
+    if zig is None:
+        print(f"warning: ziglang is not installed (pip install ziglang): {module} is linked against this "
+              "machine's glibc and will not load on older Linux distributions", file=sys.stderr)
+    return zig
+
+
 def host_toolchain() -> HostToolchain:
     """The binding's and link's compiler for the GPU module, by
     :func:`toolchain_choice`: ``zig`` (needs the ziglang package), ``system``,
     or ``auto`` (zig where it is installed on Linux x86_64, else the system
     compiler, with a warning)."""
-    choice = toolchain_choice()
-    if choice == "system":
-        return system_toolchain()
-    zig = zig_binary() if sys.platform == "linux" and platform.machine() == "x86_64" else None
-    if zig is not None:
-        return zig_toolchain(zig)
-    if choice == "zig":
-        raise FileNotFoundError("ACNORM_HOST_TOOLCHAIN=zig needs the ziglang package on Linux x86_64 "
-                                "(pip install ziglang)")
-    print("warning: ziglang is not installed (pip install ziglang): the CUDA module is linked against this "
-          "machine's glibc and will not load on older Linux distributions", file=sys.stderr)
-    return system_toolchain()
+    zig = _target_zig("the CUDA module")
+    return system_toolchain() if zig is None else zig_toolchain(zig)
+
+
+def c_toolchain() -> HostToolchain:
+    """The C compiler of the CPU module, chosen as :func:`host_toolchain`: zig's
+    ``cc`` for glibc :data:`GLIBC_TARGET` (no C++ runtime, so nothing to build
+    first), else ``$CC`` (else ``cc``)."""
+    zig = _target_zig("the CPU module")
+    if zig is None:
+        return HostToolchain(os.environ.get("CC", "cc"), "", "", "the system C compiler, this machine's glibc")
+    glibc = ".".join(map(str, GLIBC_TARGET))
+    return HostToolchain(f"{zig} cc -target x86_64-linux-gnu.{glibc}", "-g0", "-Wl,--strip-debug",
+                         f"zig cc, glibc {glibc}")
+
+
+def build_cpu_module(target: Path, toolchain: HostToolchain | None = None) -> Path:
+    """Compile and link ``acnorm_fused._cpu`` into ``target`` (an extension file
+    name), with :func:`c_toolchain` unless ``toolchain`` is given."""
+    toolchain = toolchain or c_toolchain()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # No -ffast-math, ever: the window rule must round as the PyTorch comparison does.
+    command = (f"{toolchain.cxx} -std=c11 -O2 -fPIC -shared -fvisibility=hidden -Wall -Werror "
+               f"{toolchain.compile_flags} {toolchain.link_flags} -I{sysconfig.get_paths()['include']} "
+               f"-o {target} {' '.join(str(p) for p in cpu_module_sources() if p.suffix == '.c')} -lm")
+    print(f"building {target.name} ({toolchain.description})", file=sys.stderr)
+    subprocess.run(shlex.split(command), check=True)
+    return target
+
+
+def cpu_module_sources() -> list[Path]:
+    """Every file the CPU module is built from."""
+    return sorted(p for p in CPU_SOURCES.iterdir() if p.suffix in {".c", ".h"})
 
 
 def build_module(target: Path, build_dir: Path, archs: str | None = None, emulate: bool = False) -> Path:

@@ -1,6 +1,6 @@
 """Helpers the tests share: seeded parameters and inputs, a from-scratch
 float64 model of AC-Norm, BatchNorm's tolerances, and the rule for tests of
-the compiled CUDA module (skip, or fail where CI says it must be testable)."""
+the compiled modules (skip, or fail where CI says they must be testable)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Set where the compiled CUDA module must be testable (CI builds it): its
 # absence is then a failure, not a skip.
 EXPECT_CUDA_EXTENSION = os.environ.get("ACNORM_EXPECT_CUDA_EXTENSION", "0") == "1"
+# The same for the compiled windowed C x C step, acnorm_fused._cpu.
+EXPECT_CPU_EXTENSION = os.environ.get("ACNORM_EXPECT_CPU_EXTENSION", "0") == "1"
 
 # Tolerances of BatchNorm itself per input dtype: (rtol, atol).
 TOLERANCES = {
@@ -104,15 +106,16 @@ def assert_close(actual, expected, dtype=None, scale: float = 1.0):
     )
 
 
-def skip_or_fail(reason: str):
-    """Skip, or fail where ACNORM_EXPECT_CUDA_EXTENSION=1 says the CUDA module must be testable."""
-    if EXPECT_CUDA_EXTENSION:
+def skip_or_fail(reason: str, expected: bool = EXPECT_CUDA_EXTENSION):
+    """Skip, or fail where ``expected`` (by default ACNORM_EXPECT_CUDA_EXTENSION=1)
+    says the compiled module must be testable."""
+    if expected:
         pytest.fail(reason)
     pytest.skip(reason)
 
 
 def import_csrc_toolkit():
-    """``csrc/toolkit.py``, which builds the CUDA module."""
+    """``csrc/toolkit.py``, which builds the compiled modules."""
     sys.path.insert(0, str(ROOT / "csrc"))
     try:
         import toolkit

@@ -1,6 +1,8 @@
 """S applied by windows over the sorted source signatures (wide layers) against
 the dense S, on random and adversarial signatures: ties, clusters, huge and
-tiny temperatures, signatures over many orders of magnitude."""
+tiny temperatures, signatures over many orders of magnitude. Each test runs
+on both implementations of the windowed step: the compiled one
+(acnorm_fused._cpu) and the PyTorch operations that stand in without it."""
 
 from __future__ import annotations
 
@@ -11,9 +13,20 @@ import torch
 
 import acnorm_fused as acn
 
-from helpers import assert_close, hand_correlation, make_affines, random_input
+from helpers import EXPECT_CPU_EXTENSION, assert_close, hand_correlation, make_affines, random_input, skip_or_fail
 
 correlation = importlib.import_module("acnorm_fused.correlation")  # the package exports a function of that name
+
+
+@pytest.fixture(autouse=True, params=["compiled", "pytorch"])
+def implementation(request, monkeypatch):
+    """The windowed step compiled, or as PyTorch operations (the compiled module hidden)."""
+    if request.param == "compiled":
+        if correlation._compiled is None:
+            skip_or_fail(f"acnorm_fused._cpu: {correlation.compiled_windows_status()}", EXPECT_CPU_EXTENSION)
+    else:
+        monkeypatch.setattr(correlation, "_compiled", None)
+    return request.param
 
 
 def _affines_with(y_s: torch.Tensor, y_t: torch.Tensor, seed: int) -> torch.Tensor:
@@ -82,15 +95,30 @@ def test_windowed_products_equal_the_dense_ones_in_float64(kind, temperature, ch
     torch.testing.assert_close(backward, torch.addmm(grads, grads, s), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("implementation", ["pytorch"], indirect=True)
 @pytest.mark.parametrize("kind,temperature,linear", [
     ("random", 1.0, True), ("random", 0.01, False), ("magnitudes", 1e4, True), ("magnitudes", 1.0, False),
 ])
 def test_both_scales_of_the_sums_are_taken(kind, temperature, linear):
-    """Signatures within 400 T of each other are summed in linear scale, wider
-    ranges in the log domain: the float64 test above covers both."""
+    """In the PyTorch version, signatures within 400 T of each other are summed
+    in linear scale, wider ranges in the log domain: the float64 test above
+    covers both. (The compiled version has one scheme for all ranges.)"""
     affines = _affines_with(*_signatures(kind, 1024, seed=1024), seed=1)
     _, state = _dense_and_windowed(affines, temperature)
     assert correlation._Windows(state, temperature).linear is linear
+
+
+@pytest.mark.parametrize("implementation", ["compiled"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_window_state_is_the_pytorch_one(kind, dtype, monkeypatch):
+    """Sort order and window edges, bit for bit: the compiled search decides
+    the rule in the signatures' dtype as the PyTorch comparison does."""
+    affines = _affines_with(*_signatures(kind, 1537, seed=5), seed=3).to(dtype)
+    signatures = correlation.signatures(affines[0::2], affines[1::2], 1e-5)
+    compiled = correlation.windowed_state(signatures)
+    monkeypatch.setattr(correlation, "_compiled", None)
+    assert torch.equal(compiled, correlation.windowed_state(signatures))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,9 +153,10 @@ def test_ties_with_the_diagonal_are_kept():
 
 
 def test_windowed_path_by_hand_on_a_small_layer(monkeypatch):
-    """With the threshold lowered, a 7-channel layer takes the windowed path:
+    """With the thresholds lowered, a 7-channel layer takes the windowed path:
     against the hand computation of S, and gradcheck of the effective affine."""
     monkeypatch.setattr(correlation, "WINDOWED_MIN_CHANNELS", 3)
+    monkeypatch.setattr(correlation, "COMPILED_WINDOWED_MIN_CHANNELS", 3)
     params = make_affines(7, 8, torch.float64)
     for temperature in (0.3, 1.0, 5.0):
         s = hand_correlation(*params, temperature=temperature)

@@ -29,12 +29,12 @@ from torch import Tensor
 
 from ..correlation import (
     WINDOW_ROWS,
-    WINDOWED_MIN_CHANNELS,
     as_dtype,
     compute_dtype,
     recalibrate,
     recalibrate_grad,
     recalibration_state,
+    uses_windows,
 )
 from ..statistics import MOMENT_ROWS
 from .activation import activation_grad, apply_activation
@@ -151,7 +151,7 @@ def aux_like(weight: Tensor) -> Tensor:
     (``S``, or a wide layer's window state, with the effective affine
     ``W``, ``B`` as two more rows)."""
     channels = weight.shape[0]
-    state_rows = channels if channels < WINDOWED_MIN_CHANNELS else WINDOW_ROWS
+    state_rows = WINDOW_ROWS if uses_windows(channels, weight.device) else channels
     return weight.new_empty((state_rows + 2, channels), dtype=compute_dtype(weight.dtype))
 
 

@@ -1,0 +1,421 @@
+/* acnorm_fused._cpu: the C x C step of wide layers on the CPU, compiled.
+ *
+ * The same windowed algorithm as acnorm_fused/correlation.py (its docstrings
+ * give the math): row i of S keeps the sorted source signatures u[lo_i ..
+ * hi_i) around mid_i, the first u >= y_t[i], by the rule
+ * |y_t[i] - u| <= |y_t[i] - y_s[i]| in the signatures' dtype. The PyTorch
+ * version of it dispatches a few hundred small operations per training step,
+ * each costing more than its arithmetic; here each product is a few O(C)
+ * loops and the state a sort and a search per row.
+ *
+ * Plain C and the CPython API only: no C++ runtime to carry, so the module
+ * builds in seconds with zig's C compiler for glibc 2.28 (or the system cc)
+ * and needs nothing but libc and libm. Buffers are passed as addresses of
+ * contiguous CPU tensors that the Python side allocated and checked.
+ *
+ * Numerics. Every sum runs in double, with each row's exponentials taken
+ * relative to its nearest source signature (distance d_i): with s = y / T,
+ * the left terms are exp(s_u - s_t + d) and the right ones exp(s_t - s_u + d),
+ * whose exponents never exceed zero, and the softmax denominator z' >= 1
+ * (the nearest term is exp(0)). Prefix sums over the sorted u are kept
+ * relative to their last term (P[m] = sum_{j<m} v_j exp(s_u[j] - s_u[m-1])),
+ * suffix sums relative to their first: no exponential overflows or leaves a
+ * sum without its largest terms, whatever the signatures' range against T,
+ * so one scheme covers what the PyTorch version splits into a linear and a
+ * log-domain case. Left parts are prefix-sum differences and right parts
+ * suffix-sum differences, each dominated by the terms next to y_t[i].
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Rows of the (WINDOW_ROWS, C) state, as acnorm_fused.correlation.WINDOW_ROWS. */
+enum { ROW_SOURCE, ROW_TARGET, ROW_ORDER, ROW_LO, ROW_MID, ROW_HI, WINDOW_ROWS };
+
+/* ---------------------------------------------------------------- the state */
+
+/* The stable sorting order of n values: an LSD radix sort of their bits, mapped
+ * to unsigned integers in the values' order (ties keep their indices' order,
+ * as torch.sort(stable=True); -0.0 is taken as +0.0, which compares equal).
+ * order and spare hold n indices each; keys and spare_keys n keys. */
+#define RADIX_BITS 11
+#define RADIX_DEFINE(SUFFIX, T, U, SIGN)                                                 \
+  static void sort_order_##SUFFIX(int64_t n, const T* values, int64_t* result,            \
+                                  int64_t* spare, U* keys, U* spare_keys) {                \
+    int64_t* order = result;                                                              \
+    for (int64_t i = 0; i < n; ++i) {                                                     \
+      T v = values[i] + (T)0; /* -0.0 + 0.0 is +0.0 */                                    \
+      U bits;                                                                             \
+      memcpy(&bits, &v, sizeof bits);                                                     \
+      keys[i] = (bits & SIGN) ? ~bits : (bits | SIGN);                                    \
+      order[i] = i;                                                                       \
+    }                                                                                     \
+    int64_t count[1 << RADIX_BITS];                                                       \
+    for (unsigned shift = 0; shift < 8 * sizeof(U); shift += RADIX_BITS) {                \
+      memset(count, 0, sizeof count);                                                     \
+      for (int64_t i = 0; i < n; ++i) ++count[(keys[i] >> shift) & ((1 << RADIX_BITS) - 1)]; \
+      if (count[(keys[0] >> shift) & ((1 << RADIX_BITS) - 1)] == n) continue; /* one digit */ \
+      int64_t total = 0;                                                                  \
+      for (int d = 0; d < (1 << RADIX_BITS); ++d) {                                       \
+        int64_t c = count[d];                                                             \
+        count[d] = total;                                                                 \
+        total += c;                                                                       \
+      }                                                                                   \
+      for (int64_t i = 0; i < n; ++i) {                                                   \
+        int64_t at = count[(keys[i] >> shift) & ((1 << RADIX_BITS) - 1)]++;               \
+        spare_keys[at] = keys[i];                                                         \
+        spare[at] = order[i];                                                             \
+      }                                                                                   \
+      U* k = keys; keys = spare_keys; spare_keys = k;                                     \
+      int64_t* o = order; order = spare; spare = o;                                       \
+    }                                                                                     \
+    /* After an odd number of scatters the order sits in the spare row. */             \
+    if (order != result) memcpy(result, order, (size_t)n * sizeof(int64_t));             \
+  }
+
+/* The rule |t - v| <= r, in the signatures' dtype as the dense S and the
+ * kernels decide it, as three predicates that are false, then true over the
+ * sorted u (rounding is monotone and sign-symmetric, and t - v rounds to <= 0
+ * exactly when v >= t): the first u >= t (mid); the first u kept or >= t, i.e.
+ * t - u <= r (lo); the first u above t and not kept, i.e. u - t > r (hi).
+ * Single comparisons, so the searches compile to conditional moves. C
+ * evaluates float arithmetic in float on x86-64 and aarch64 (FLT_EVAL_METHOD 0). */
+#define AT_OR_ABOVE(v, t, r) ((v) >= (t))
+#define KEPT_FROM_LEFT(v, t, r) ((t) - (v) <= (r))
+#define DROPPED_ON_RIGHT(v, t, r) ((v) - (t) > (r))
+
+/* Rows searched together: independent chains of loads and compares that the
+ * CPU overlaps, and no branch to mispredict in a chain. */
+#define SEARCH_LANES 8
+
+/* For SEARCH_LANES rows: the first sorted position where each predicate holds
+ * (n where none does), by a branchless binary search. */
+#define SEARCH_DEFINE(SUFFIX, T)                                                       \
+  static void search_##SUFFIX(int64_t n, const T* u, const T* t, const T* r,           \
+                              int64_t* mid, int64_t* lo, int64_t* hi) {                \
+    int64_t m[SEARCH_LANES] = {0}, l[SEARCH_LANES] = {0}, h[SEARCH_LANES] = {0};       \
+    for (int64_t len = n; len > 1;) {                                                  \
+      int64_t half = len / 2;                                                          \
+      for (int j = 0; j < SEARCH_LANES; ++j) {                                         \
+        T vm = u[m[j] + half - 1], vl = u[l[j] + half - 1], vh = u[h[j] + half - 1];   \
+        m[j] += AT_OR_ABOVE(vm, t[j], r[j]) ? 0 : half;                                \
+        l[j] += KEPT_FROM_LEFT(vl, t[j], r[j]) ? 0 : half;                             \
+        h[j] += DROPPED_ON_RIGHT(vh, t[j], r[j]) ? 0 : half;                           \
+      }                                                                                \
+      len -= half;                                                                     \
+    }                                                                                  \
+    for (int j = 0; j < SEARCH_LANES; ++j) {                                           \
+      mid[j] = m[j] + !AT_OR_ABOVE(u[m[j]], t[j], r[j]);                               \
+      lo[j] = l[j] + !KEPT_FROM_LEFT(u[l[j]], t[j], r[j]);                             \
+      hi[j] = h[j] + !DROPPED_ON_RIGHT(u[h[j]], t[j], r[j]);                           \
+    }                                                                                  \
+  }
+
+#define STATE_DEFINE(SUFFIX, T, U, SIGN)                                                \
+  RADIX_DEFINE(SUFFIX, T, U, SIGN)                                                      \
+  SEARCH_DEFINE(SUFFIX, T)                                                              \
+  static int window_state_##SUFFIX(int64_t n, const T* sig, T* state) {                 \
+    const T* ys = sig;                                                                  \
+    const T* yt = sig + n;                                                              \
+    int64_t* order = malloc((size_t)(2 * n) * sizeof(int64_t));                         \
+    U* keys = malloc((size_t)(2 * n) * sizeof(U));                                      \
+    T* u = malloc((size_t)n * sizeof(T));                                               \
+    if (!order || !keys || !u) {                                                        \
+      free(order); free(keys); free(u);                                                 \
+      return -1;                                                                        \
+    }                                                                                   \
+    sort_order_##SUFFIX(n, ys, order, order + n, keys, keys + n);                       \
+    for (int64_t p = 0; p < n; ++p) u[p] = ys[order[p]];                                \
+    memmove(state, sig, (size_t)(2 * n) * sizeof(T));                                   \
+    /* The diagonal is kept, so lo <= mid <= hi and the window is never empty. */      \
+    for (int64_t first = 0; first < n; first += SEARCH_LANES) {                         \
+      /* A last, partial group repeats its final row in the spare lanes. */            \
+      T t[SEARCH_LANES], r[SEARCH_LANES];                                               \
+      int64_t mid[SEARCH_LANES], lo[SEARCH_LANES], hi[SEARCH_LANES];                    \
+      for (int j = 0; j < SEARCH_LANES; ++j) {                                          \
+        int64_t i = first + j < n ? first + j : n - 1;                                  \
+        t[j] = yt[i];                                                                   \
+        r[j] = ABS(yt[i] - ys[i]);                                                      \
+      }                                                                                 \
+      search_##SUFFIX(n, u, t, r, mid, lo, hi);                                         \
+      for (int j = 0; j < SEARCH_LANES && first + j < n; ++j) {                         \
+        state[ROW_LO * n + first + j] = (T)lo[j];                                       \
+        state[ROW_MID * n + first + j] = (T)mid[j];                                     \
+        state[ROW_HI * n + first + j] = (T)hi[j];                                       \
+      }                                                                                 \
+    }                                                                                   \
+    for (int64_t p = 0; p < n; ++p) state[ROW_ORDER * n + p] = (T)order[p];             \
+    free(order); free(keys); free(u);                                                   \
+    return 0;                                                                           \
+  }
+
+#define ABS fabsf
+STATE_DEFINE(f32, float, uint32_t, UINT32_C(0x80000000))
+#undef ABS
+#define ABS fabs
+STATE_DEFINE(f64, double, uint64_t, UINT64_C(0x8000000000000000))
+#undef ABS
+
+/* ------------------------------------------------------------- the products */
+
+/* exp(x) for x <= 0: zero below exp's underflow without taking glibc's slow
+ * path there (errno and a subnormal result, for terms that cannot matter
+ * next to a sum's largest, exp(0)-sized, ones). */
+static inline double exp_nonpositive(double x) { return x < -708.0 ? 0.0 : exp(x); }
+
+/* What every product needs of the state, in double and sorted order. */
+typedef struct {
+  int64_t n;
+  int64_t *order, *lo, *mid, *hi;
+  double* su;      /* u / T, sorted */
+  double* st;      /* y_t / T, channel order */
+  double* inv_z;   /* 1 / z'_i, z'_i >= 1 */
+  /* Row i's factors at its window edges: exp(su[e-1] - st + d) left of mid
+   * (e = mid, lo) and exp(st - su[e] + d) right of it (e = mid, hi); zero
+   * where the edge has no term. */
+  double *left_mid, *left_lo, *right_mid, *right_hi;
+  /* step[p] = exp(su[p-1] - su[p]) <= 1 between neighbours; 0 at p = 0 and p = n,
+   * so that the sums' first terms need no case of their own. */
+  double* step;
+  /* Work rows: two of n + 1 (prefix and suffix sums, or the sweeps' edge
+   * histograms) and one of n. */
+  double *first, *second, *held;
+  void* block;
+} Windows;
+
+static void windows_free(Windows* w) { free(w->block); }
+
+static int windows_alloc(Windows* w, int64_t n) {
+  size_t rows = 7 * (size_t)n + 3 * (size_t)(n + 1) + (size_t)n;
+  w->n = n;
+  w->block = malloc(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
+  if (!w->block) return -1;
+  int64_t* ints = w->block;
+  w->order = ints; w->lo = ints + n; w->mid = ints + 2 * n; w->hi = ints + 3 * n;
+  double* d = (double*)(ints + 4 * n);
+  w->su = d; w->st = d + n; w->inv_z = d + 2 * n;
+  w->left_mid = d + 3 * n; w->left_lo = d + 4 * n; w->right_mid = d + 5 * n; w->right_hi = d + 6 * n;
+  w->step = d + 7 * n;
+  w->first = w->step + n + 1;
+  w->second = w->first + n + 1;
+  w->held = w->second + n + 1;
+  return 0;
+}
+
+/* prefix[m] = sum_{j<m} v[order[j]] exp(su[j] - su[m-1]) (0 for m = 0) and
+ * suffix[m] = sum_{j>=m} v[order[j]] exp(su[m] - su[j]) (0 for m = n); v = NULL: ones. */
+#define SUMS_DEFINE(SUFFIX, T)                                                                     \
+  static void sorted_sums_##SUFFIX(const Windows* w, const T* v, double* prefix, double* suffix) {  \
+    int64_t n = w->n;                                                                              \
+    prefix[0] = 0.0;                                                                               \
+    for (int64_t m = 1; m <= n; ++m)                                                               \
+      prefix[m] = prefix[m - 1] * w->step[m - 1] + (v ? (double)v[w->order[m - 1]] : 1.0);         \
+    suffix[n] = 0.0;                                                                               \
+    for (int64_t m = n - 1; m >= 0; --m)                                                           \
+      suffix[m] = suffix[m + 1] * w->step[m + 1] + (v ? (double)v[w->order[m]] : 1.0);             \
+  }
+
+#define WINDOWS_DEFINE(SUFFIX, T)                                                                  \
+  SUMS_DEFINE(SUFFIX, T)                                                                           \
+  static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature) {        \
+    if (windows_alloc(w, n)) return -1;                                                            \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+      w->order[i] = (int64_t)state[ROW_ORDER * n + i];                                             \
+      w->lo[i] = (int64_t)state[ROW_LO * n + i];                                                   \
+      w->mid[i] = (int64_t)state[ROW_MID * n + i];                                                 \
+      w->hi[i] = (int64_t)state[ROW_HI * n + i];                                                   \
+      w->st[i] = (double)state[ROW_TARGET * n + i] / temperature;                                  \
+    }                                                                                              \
+    for (int64_t p = 0; p < n; ++p)                                                                \
+      w->su[p] = (double)state[ROW_SOURCE * n + w->order[p]] / temperature;                        \
+    w->step[0] = w->step[n] = 0.0;                                                                 \
+    for (int64_t p = 1; p < n; ++p) w->step[p] = exp_nonpositive(w->su[p - 1] - w->su[p]);                     \
+    /* The unit sums: the softmax denominators' two halves. */                                    \
+    sorted_sums_##SUFFIX(w, NULL, w->first, w->second);                                            \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+      int64_t mid = w->mid[i], lo = w->lo[i], hi = w->hi[i];                                       \
+      double t = w->st[i];                                                                         \
+      double below = mid > 0 ? t - w->su[mid - 1] : INFINITY;                                      \
+      double above = mid < n ? w->su[mid] - t : INFINITY;                                          \
+      double near = below < above ? below : above; /* d_i */                                       \
+      /* One of the two is exp(0); the other exp(-|below - above|), 0 past an end. */   \
+      double other = exp_nonpositive(-fabs(below - above));                                        \
+      w->left_mid[i] = below <= above ? 1.0 : other;                                               \
+      w->right_mid[i] = below <= above ? other : 1.0;                                              \
+      w->left_lo[i] = lo > 0 ? exp_nonpositive(w->su[lo - 1] - t + near) : 0.0;                   \
+      w->right_hi[i] = hi < n ? exp_nonpositive(t - w->su[hi] + near) : 0.0;                                   \
+      w->inv_z[i] = 1.0 / (w->first[mid] * w->left_mid[i] + w->second[mid] * w->right_mid[i]);     \
+    }                                                                                              \
+    return 0;                                                                                      \
+  }                                                                                                \
+                                                                                                   \
+  /* out = (I + S) v for each of the k rows v. */                                                  \
+  static void times_##SUFFIX(const Windows* w, int64_t k, const T* values, T* out) {              \
+    int64_t n = w->n;                                                                              \
+    double *prefix = w->first, *suffix = w->second;                                                \
+    for (int64_t row = 0; row < k; ++row) {                                                        \
+      const T* v = values + row * n;                                                               \
+      sorted_sums_##SUFFIX(w, v, prefix, suffix);                                                  \
+      for (int64_t i = 0; i < n; ++i) {                                                            \
+        double kept = prefix[w->mid[i]] * w->left_mid[i] - prefix[w->lo[i]] * w->left_lo[i]       \
+                      + suffix[w->mid[i]] * w->right_mid[i] - suffix[w->hi[i]] * w->right_hi[i];   \
+        out[row * n + i] = (T)((double)v[i] + kept * w->inv_z[i]);                                 \
+      }                                                                                            \
+    }                                                                                              \
+  }                                                                                                \
+                                                                                                   \
+  /* out = (I + S)^T g for each of the k rows g: for the channel at sorted                         \
+   * position p, the rows whose window holds p on their left (lo <= p < mid)                       \
+   * and on their right (mid <= p < hi), gathered by one sweep over p each way,                    \
+   * the rows entering and leaving at their window edges (histograms over the                      \
+   * edges, each row's term at the edge where it enters or leaves). */                             \
+  static void times_transposed_##SUFFIX(const Windows* w, int64_t k, const T* grads, T* out) {     \
+    int64_t n = w->n;                                                                              \
+    double *left = w->first, *right = w->second, *held = w->held;                                  \
+    for (int64_t row = 0; row < k; ++row) {                                                        \
+      const T* g = grads + row * n;                                                                \
+      memset(left, 0, (size_t)(n + 1) * sizeof(double));                                           \
+      memset(right, 0, (size_t)(n + 1) * sizeof(double));                                          \
+      for (int64_t i = 0; i < n; ++i) {                                                            \
+        double a = (double)g[i] * w->inv_z[i];                                                     \
+        /* Left: held for p in [lo, mid), swept downwards (enters at p = mid - 1). */             \
+        left[w->mid[i]] += a * w->left_mid[i];                                                     \
+        left[w->lo[i]] -= a * w->left_lo[i];                                                       \
+        /* Right: held for p in [mid, hi), swept upwards (enters at p = mid). */                  \
+        right[w->mid[i]] += a * w->right_mid[i];                                                   \
+        right[w->hi[i]] -= a * w->right_hi[i];                                                     \
+      }                                                                                            \
+      double sweep = 0.0;                                                                          \
+      for (int64_t p = n - 1; p >= 0; --p) held[p] = sweep = sweep * w->step[p + 1] + left[p + 1]; \
+      sweep = 0.0;                                                                                 \
+      for (int64_t p = 0; p < n; ++p) {                                                            \
+        sweep = sweep * w->step[p] + right[p];                                                     \
+        int64_t c = w->order[p];                                                                   \
+        out[row * n + c] = (T)((double)g[c] + held[p] + sweep);                                    \
+      }                                                                                            \
+    }                                                                                              \
+  }
+
+WINDOWS_DEFINE(f32, float)
+WINDOWS_DEFINE(f64, double)
+
+/* ---------------------------------------------------------------- bindings */
+
+static void* address(PyObject* value) {
+  void* p = PyLong_AsVoidPtr(value);
+  if (p == NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: null address");
+  return p;
+}
+
+static int check_args(const char* name, Py_ssize_t given, Py_ssize_t wanted) {
+  if (given == wanted) return 0;
+  PyErr_Format(PyExc_TypeError, "acnorm_fused._cpu.%s takes %zd arguments (%zd given)", name, wanted, given);
+  return -1;
+}
+
+static int channels(PyObject* value, int64_t* n) {
+  long long c = PyLong_AsLongLong(value);
+  if (c == -1 && PyErr_Occurred()) return -1;
+  if (c < 1) {
+    PyErr_Format(PyExc_ValueError, "acnorm_fused._cpu: need at least one channel, got %lld", c);
+    return -1;
+  }
+  *n = (int64_t)c;
+  return 0;
+}
+
+PyDoc_STRVAR(window_state_doc,
+             "window_state(channels, double, signatures, state)\n\n"
+             "Writes the (6, C) window state of the (2, C) signature rows [y_s, y_t] at address\n"
+             "`signatures` to address `state`: those rows, the order that sorts y_s (stable) and\n"
+             "each row's window edges lo, mid, hi, in float64 when `double`, else float32.");
+
+static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  (void)self;
+  int64_t n;
+  if (check_args("window_state", nargs, 4) || channels(args[0], &n)) return NULL;
+  int is_double = PyObject_IsTrue(args[1]);
+  void* sig = address(args[2]);
+  void* state = sig ? address(args[3]) : NULL;
+  if (is_double < 0 || !state) return NULL;
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  status = is_double ? window_state_f64(n, sig, state) : window_state_f32(n, sig, state);
+  Py_END_ALLOW_THREADS
+  if (status) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(window_product_doc,
+             "window_product(channels, double, state, temperature, rows, values, out, transposed)\n\n"
+             "Writes (I + S) v, or (I + S)^T g when `transposed`, for each of the `rows` rows of\n"
+             "the (rows, C) tensor at address `values` to the one at `out`, S given by the window\n"
+             "state at address `state`; every tensor float64 when `double`, else float32.");
+
+static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  (void)self;
+  int64_t n;
+  if (check_args("window_product", nargs, 8) || channels(args[0], &n)) return NULL;
+  int is_double = PyObject_IsTrue(args[1]);
+  void* state = address(args[2]);
+  if (is_double < 0 || !state) return NULL;
+  double temperature = PyFloat_AsDouble(args[3]);
+  if (temperature == -1.0 && PyErr_Occurred()) return NULL;
+  if (!(temperature > 0.0)) {
+    PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: temperature must be positive");
+    return NULL;
+  }
+  long long k = PyLong_AsLongLong(args[4]);
+  if (k == -1 && PyErr_Occurred()) return NULL;
+  if (k < 0) {
+    PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: rows must be >= 0");
+    return NULL;
+  }
+  void* values = address(args[5]);
+  void* out = values ? address(args[6]) : NULL;
+  int transposed = out ? PyObject_IsTrue(args[7]) : -1;
+  if (!out || transposed < 0) return NULL;
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  Windows w;
+  if (is_double) {
+    status = windows_f64(&w, n, state, temperature);
+    if (!status) {
+      if (transposed) times_transposed_f64(&w, k, values, out); else times_f64(&w, k, values, out);
+    }
+  } else {
+    status = windows_f32(&w, n, state, temperature);
+    if (!status) {
+      if (transposed) times_transposed_f32(&w, k, values, out); else times_f32(&w, k, values, out);
+    }
+  }
+  if (!status) windows_free(&w);
+  Py_END_ALLOW_THREADS
+  if (status) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"window_state", (PyCFunction)(void (*)(void))py_window_state, METH_FASTCALL, window_state_doc},
+    {"window_product", (PyCFunction)(void (*)(void))py_window_product, METH_FASTCALL, window_product_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "acnorm_fused._cpu",
+    "The C x C step of wide AC-Norm layers on the CPU, compiled (see acnorm_fused.correlation).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__cpu(void) {
+  PyObject* m = PyModule_Create(&module);
+  if (m && PyModule_AddIntConstant(m, "WINDOW_ROWS", WINDOW_ROWS)) {
+    Py_DECREF(m);
+    return NULL;
+  }
+  return m;
+}

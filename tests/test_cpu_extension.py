@@ -1,0 +1,91 @@
+"""The compiled windowed C x C step, acnorm_fused._cpu: how it is built and
+how it refuses bad calls. Its results are checked against the dense S in
+test_windowed_correlation.py (both implementations). CI builds it and sets
+ACNORM_EXPECT_CPU_EXTENSION=1, so that its absence fails there."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from helpers import EXPECT_CPU_EXTENSION, import_csrc_toolkit, skip_or_fail
+
+correlation = importlib.import_module("acnorm_fused.correlation")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    try:
+        return importlib.import_module("acnorm_fused._cpu")
+    except ImportError as error:
+        skip_or_fail(f"acnorm_fused._cpu is not built: {error}", EXPECT_CPU_EXTENSION)
+
+
+def test_is_the_one_the_package_uses(compiled):
+    assert correlation._compiled is compiled
+    assert compiled.WINDOW_ROWS == correlation.WINDOW_ROWS
+    assert correlation.compiled_windows_status().startswith("built (")
+
+
+def test_needs_only_libc_and_libm_of_glibc_2_28_at_most(compiled):
+    """No C++ runtime, no torch, no libpython: it loads wherever torch's own
+    wheels (manylinux_2_28) do, whatever glibc the build machine had."""
+    toolkit = import_csrc_toolkit()
+    assert set(toolkit.needed_libraries(compiled.__file__)) <= {"libc.so.6", "libm.so.6"}
+    needed = toolkit.glibc_needed(compiled.__file__)
+    assert needed, "no GLIBC symbol versions read"
+    assert needed <= toolkit.GLIBC_TARGET, (
+        f"{compiled.__file__} needs glibc {'.'.join(map(str, needed))}: built without ziglang?")
+
+
+def test_the_package_runs_without_it(monkeypatch):
+    """The PyTorch version stands in; the status line says why."""
+    monkeypatch.setattr(correlation, "_compiled", None)
+    monkeypatch.setattr(correlation, "_COMPILED_ERROR", "No module named 'acnorm_fused._cpu'")
+    assert correlation.compiled_windows_status().startswith("not built (No module named")
+    assert not correlation.uses_windows(correlation.WINDOWED_MIN_CHANNELS - 1, torch.device("cpu"))
+    assert correlation.uses_windows(correlation.WINDOWED_MIN_CHANNELS, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("arguments,error,message", [
+    ((8, False, 1), TypeError, r"window_state takes 4 arguments \(3 given\)"),
+    ((0, False, 1, 1), ValueError, "need at least one channel, got 0"),
+    ((8, False, 0, 1), ValueError, "null address"),
+])
+def test_window_state_refuses_bad_calls(compiled, arguments, error, message):
+    with pytest.raises(error, match=message):
+        compiled.window_state(*arguments)
+
+
+def test_window_product_refuses_bad_calls(compiled):
+    state = torch.zeros(correlation.WINDOW_ROWS, 8)
+    rows = torch.zeros(2, 8)
+    good = [8, False, state.data_ptr(), 1.0, 2, rows.data_ptr(), rows.data_ptr(), False]
+    for index, value, error, message in [
+        (3, 0.0, ValueError, "temperature must be positive"),
+        (3, float("nan"), ValueError, "temperature must be positive"),
+        (4, -1, ValueError, "rows must be >= 0"),
+        (0, -3, ValueError, "need at least one channel, got -3"),
+        (6, 0, ValueError, "null address"),
+    ]:
+        arguments = list(good)
+        arguments[index] = value
+        with pytest.raises(error, match=message):
+            compiled.window_product(*arguments)
+    with pytest.raises(TypeError, match=r"window_product takes 8 arguments \(7 given\)"):
+        compiled.window_product(*good[:-1])
+
+
+def test_unknown_cpu_build_mode_is_refused(monkeypatch):
+    """setup.py reads ACNORM_BUILD_CPU like ACNORM_BUILD_CUDA."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
+                            env={"ACNORM_BUILD_CPU": "yes", "PATH": "/usr/bin:/bin"})
+    assert result.returncode != 0
+    assert "ACNORM_BUILD_CPU must be auto, 0 or 1 (got 'yes')" in result.stderr
