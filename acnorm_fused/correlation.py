@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import contextlib
 import math
+from types import ModuleType
 
 import torch
 from torch import Tensor
 
-try:  # the windowed products compiled (csrc/cpu/windowed.c); the PyTorch ones below stand in without it
-    from . import _cpu as _compiled
+# The windowed products compiled (csrc/cpu/windowed.c); the PyTorch ones below stand in without it.
+_compiled: ModuleType | None = None
+_COMPILED_ERROR = ""
+try:
+    from . import _cpu
+
+    _compiled = _cpu
 except ImportError as _error:
-    _compiled = None
     _COMPILED_ERROR = str(_error)
-else:
-    _COMPILED_ERROR = ""
 
 __all__ = [
     "compute_dtype",
@@ -165,9 +168,9 @@ WINDOWED_MIN_CHANNELS = 1024
 COMPILED_WINDOWED_MIN_CHANNELS = 1024
 
 
-def _compiled_runs(t: Tensor) -> bool:
-    """Whether the compiled windowed products take ``t`` (a state or its rows)."""
-    return _compiled is not None and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+def _compiled_for(t: Tensor) -> ModuleType | None:
+    """The compiled windowed products when they take ``t`` (a state or its rows), else None."""
+    return _compiled if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) else None
 
 
 def uses_windows(channels: int, device: torch.device) -> bool:
@@ -269,10 +272,11 @@ def windowed_state(signature_rows: Tensor) -> Tensor:
     window ``[lo_i, hi_i)`` of sorted positions that S keeps (the kernels'
     rule ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, ties kept) and ``mid_i``,
     the first sorted position with ``y_s >= y_t[i]``."""
-    if _compiled_runs(signature_rows):
+    compiled = _compiled_for(signature_rows)
+    if compiled is not None:
         rows = signature_rows.contiguous()
         state = rows.new_empty((WINDOW_ROWS, rows.shape[1]))
-        _compiled.window_state(rows.shape[1], rows.dtype == torch.float64, rows.data_ptr(), state.data_ptr())
+        compiled.window_state(rows.shape[1], rows.dtype == torch.float64, rows.data_ptr(), state.data_ptr())
         return state
     y_s, y_t = signature_rows[0], signature_rows[1]
     u, order = torch.sort(y_s, stable=True)
@@ -331,11 +335,12 @@ def _windowed_product(state: Tensor, rows: Tensor, temperature: float, transpose
     """``(I + S) v`` (or ``(I + S)^T g`` when ``transposed``) for each row of ``rows``,
     S given by a :func:`windowed_state`, in ``state.dtype``: compiled where it
     is installed and takes the state, else by :class:`_Windows`."""
-    if _compiled_runs(state):
+    compiled = _compiled_for(state)
+    if compiled is not None:
         rows = rows.contiguous()
         out = torch.empty_like(rows)
-        _compiled.window_product(state.shape[1], state.dtype == torch.float64, state.contiguous().data_ptr(),
-                                 temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(), transposed)
+        compiled.window_product(state.shape[1], state.dtype == torch.float64, state.contiguous().data_ptr(),
+                                temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(), transposed)
         return out
     windows = _Windows(state, temperature)
     product = windows.rows_times_s_transposed(rows) if transposed else windows.rows_times_s(rows)
