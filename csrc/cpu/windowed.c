@@ -36,6 +36,22 @@
 /* Rows of the (WINDOW_ROWS, C) state, as acnorm_fused.correlation.WINDOW_ROWS. */
 enum { ROW_SOURCE, ROW_TARGET, ROW_ORDER, ROW_LO, ROW_MID, ROW_HI, WINDOW_ROWS };
 
+/* A thread's work memory, kept between calls: freeing and mapping a few
+ * hundred KiB afresh each call (glibc's malloc maps blocks this large) costs
+ * page faults worth as much as the work itself. It grows to the widest layer
+ * seen (about 150 bytes per channel) and is never freed. */
+static _Thread_local void* scratch_block;
+static _Thread_local size_t scratch_bytes;
+
+static void* scratch(size_t bytes) {
+  if (bytes > scratch_bytes) {
+    free(scratch_block);
+    scratch_block = malloc(bytes);
+    scratch_bytes = scratch_block ? bytes : 0;
+  }
+  return scratch_block;
+}
+
 /* ---------------------------------------------------------------- the state */
 
 /* The stable sorting order of n values: an LSD radix sort of their bits, mapped
@@ -121,13 +137,10 @@ enum { ROW_SOURCE, ROW_TARGET, ROW_ORDER, ROW_LO, ROW_MID, ROW_HI, WINDOW_ROWS }
   static int window_state_##SUFFIX(int64_t n, const T* sig, T* state) {                 \
     const T* ys = sig;                                                                  \
     const T* yt = sig + n;                                                              \
-    int64_t* order = malloc((size_t)(2 * n) * sizeof(int64_t));                         \
-    U* keys = malloc((size_t)(2 * n) * sizeof(U));                                      \
-    T* u = malloc((size_t)n * sizeof(T));                                               \
-    if (!order || !keys || !u) {                                                        \
-      free(order); free(keys); free(u);                                                 \
-      return -1;                                                                        \
-    }                                                                                   \
+    int64_t* order = scratch((size_t)n * (2 * sizeof(int64_t) + 2 * sizeof(U) + sizeof(T))); \
+    if (!order) return -1;                                                              \
+    U* keys = (U*)(order + 2 * n);                                                      \
+    T* u = (T*)(keys + 2 * n);                                                          \
     sort_order_##SUFFIX(n, ys, order, order + n, keys, keys + n);                       \
     for (int64_t p = 0; p < n; ++p) u[p] = ys[order[p]];                                \
     memmove(state, sig, (size_t)(2 * n) * sizeof(T));                                   \
@@ -149,7 +162,6 @@ enum { ROW_SOURCE, ROW_TARGET, ROW_ORDER, ROW_LO, ROW_MID, ROW_HI, WINDOW_ROWS }
       }                                                                                 \
     }                                                                                   \
     for (int64_t p = 0; p < n; ++p) state[ROW_ORDER * n + p] = (T)order[p];             \
-    free(order); free(keys); free(u);                                                   \
     return 0;                                                                           \
   }
 
@@ -184,17 +196,13 @@ typedef struct {
   /* Work rows: two of n + 1 (prefix and suffix sums, or the sweeps' edge
    * histograms) and one of n. */
   double *first, *second, *held;
-  void* block;
 } Windows;
-
-static void windows_free(Windows* w) { free(w->block); }
 
 static int windows_alloc(Windows* w, int64_t n) {
   size_t rows = 7 * (size_t)n + 3 * (size_t)(n + 1) + (size_t)n;
   w->n = n;
-  w->block = malloc(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
-  if (!w->block) return -1;
-  int64_t* ints = w->block;
+  int64_t* ints = scratch(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
+  if (!ints) return -1;
   w->order = ints; w->lo = ints + n; w->mid = ints + 2 * n; w->hi = ints + 3 * n;
   double* d = (double*)(ints + 4 * n);
   w->su = d; w->st = d + n; w->inv_z = d + 2 * n;
@@ -393,7 +401,6 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
       if (transposed) times_transposed_f32(&w, k, values, out); else times_f32(&w, k, values, out);
     }
   }
-  if (!status) windows_free(&w);
   Py_END_ALLOW_THREADS
   if (status) return PyErr_NoMemory();
   Py_RETURN_NONE;
