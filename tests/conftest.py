@@ -73,12 +73,26 @@ def cuda_kernels(request, monkeypatch):
     return module
 
 
+def _set_up(request, backend: str) -> str:
+    """``backend``, set up to run on this machine: the kernel backends on CUDA
+    tensors with a GPU, else Triton's interpreter and the host emulation of the
+    CUDA kernels; the torch backend as it is."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    elif backend == "cuda":
+        request.getfixturevalue("cuda_kernels")
+    return backend
+
+
 @pytest.fixture(params=["triton", "cuda"])
 def kernel_backend(request):
-    """A kernel backend, set up to run on this machine: on CUDA tensors with a
-    GPU; else Triton's interpreter and the host emulation of the CUDA kernels."""
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    else:
-        request.getfixturevalue("cuda_kernels")
-    return request.param
+    """A kernel backend, set up to run on this machine (see _set_up)."""
+    return _set_up(request, request.param)
+
+
+@pytest.fixture(params=["torch", "triton", "cuda"])
+def planning_backend(request):
+    """A backend that keeps launch plans: torch (on a CPU) and the kernel backends."""
+    if request.param == "torch" and torch.cuda.is_available():
+        pytest.skip("the torch backend plans on a CPU only, and these tests run on the GPU")
+    return _set_up(request, request.param)

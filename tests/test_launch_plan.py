@@ -1,4 +1,5 @@
-"""Launch plans: a layer's cached eager path to the kernels (acnorm_fused.backends.plan).
+"""Launch plans: a layer's cached eager path to the kernels, or to the torch
+backend on a CPU (acnorm_fused.backends.plan).
 
 The planned path must give exactly what the general path gives (same
 kernels, same order of arithmetic), fall back to the general path whenever
@@ -34,9 +35,9 @@ LAYER_CLASSES = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNor
 
 
 @pytest.fixture
-def backend(kernel_backend):
-    """The kernel backend under test (see conftest.kernel_backend)."""
-    return kernel_backend
+def backend(planning_backend):
+    """The backend under test (see conftest.planning_backend)."""
+    return planning_backend
 
 
 def _plans(layer) -> dict:

@@ -113,6 +113,10 @@ class Backend:
         """Whether ``"auto"`` chooses it for ``x`` (asked in :data:`AUTO_ORDER`)."""
         return False
 
+    def plans(self, x: torch.Tensor) -> bool:
+        """Whether a layer can keep a launch plan (backends/plan.py) for ``x`` on it."""
+        return self.runs_kernels
+
     def _dtype_refusal(self, x: torch.Tensor, caller: str) -> TypeError:
         # Only the kernel backends refuse dtypes: the torch backend runs them all.
         return TypeError(
@@ -145,6 +149,11 @@ class TorchBackend(Backend):
 
     def picked_by_auto(self, x: torch.Tensor) -> bool:
         return True
+
+    def plans(self, x: torch.Tensor) -> bool:
+        # On a CPU, where it is the default: there its eager step is host time
+        # alone. (On a GPU the kernel backends run instead.)
+        return x.device.type == "cpu"
 
 
 class TritonBackend(Backend):

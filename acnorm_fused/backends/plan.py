@@ -5,10 +5,12 @@ can be decided once is decided once. The first time an AC-Norm layer sees an
 input signature (shape, strides, dtype, device, training mode) it runs the
 full checks of :func:`acnorm_fused.functional.checked_backend`, so every
 error is that of the general path; when a kernel backend (``cuda``,
-``triton``) runs the input and the layer's state is plain (fp32 parameters
-and buffers, a dense input), it builds a :class:`LaunchPlan` and keeps it.
-Later calls with the same signature check that the parameters and buffers
-still live where they did, then go straight to the launches:
+``triton``) or the ``torch`` backend on a CPU runs the input and the layer's
+state is plain (fp32 parameters and buffers, a dense input), it builds a
+:class:`LaunchPlan` and keeps it. Later calls with the same signature check
+that the parameters and buffers still live where they did, then go straight
+to the launches (for ``torch``: to the backend's forward and backward, with
+the settings fixed, past the checks and the custom op's layers):
 
 - the launch geometry, the settings and the compiled module's ``StepPlan``
   are fixed in the plan;
@@ -39,9 +41,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .._checks import raise_for_status
+from .._checks import check_finite_affines, raise_for_status
+from ..correlation import stack_affines
 from . import REGISTRY
 from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
+from .config import StepConfig
 from .geometry import Geometry, geometry, is_dense
 from .multipass import on_device
 
@@ -60,7 +64,7 @@ def _plain(t: Tensor | None) -> bool:
 def plan_covers(backend: str, x: Tensor, tensors: tuple[Tensor | None, ...]) -> bool:
     """Whether a plan can run ``x`` on ``backend`` with the layer's parameters and
     buffers ``tensors`` (as :meth:`LaunchPlan.tensors_of` orders them), already checked."""
-    return (REGISTRY[backend].runs_kernels and x.numel() > 0 and is_dense(x)
+    return (REGISTRY[backend].plans(x) and x.numel() > 0 and is_dense(x)
             and all(_plain(t) for t in tensors))
 
 
@@ -140,7 +144,7 @@ class LaunchPlan:
         self.activation, self.negative_slope = activation, negative_slope
         self.count = float(geo.count)
         self.status = _Status(x.device)
-        self.launches = _CudaLaunches(self, x) if backend == "cuda" else _TritonLaunches(self)
+        self.launches = _STEPS[backend](self, x)
 
     @staticmethod
     def key(x: Tensor, training: bool) -> tuple:
@@ -165,29 +169,29 @@ class LaunchPlan:
             layer._buffers["num_batches_tracked"].add_(1)
         return out
 
-    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
-        """``(out, forward scratch)``; raises for non-finite affines (see the module docstring)."""
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, object]:
+        """``(out, what the backward needs)``; raises for non-finite affines (see the module docstring)."""
         status = self.status
         if status.deferred:
             raise_for_status(self.caller, status.take(), NON_FINITE_BITS, late=True)
-        out = torch.empty_like(x)
-        scratch = torch.empty(self.layout.fwd_len, dtype=_F32, device=self.device)
-        self.launches.forward(x, out, scratch, tensors)
+        out, saved = self.launches.forward(x, tensors)
         if status.deferred:
             status.send()
         else:
             raise_for_status(self.caller, status.take(), NON_FINITE_BITS)
-        return out, scratch
+        return out, saved
 
-    def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def backward(self, grad_out: Tensor, x: Tensor, saved) -> tuple[Tensor, Tensor, Tensor]:
         """``(grad_x, grad_weight_target, grad_bias_target)``."""
-        if grad_out.stride() != self.strides:
-            # The kernels walk x and dy with the same offsets.
-            grad_out = torch.empty_like(x).copy_(grad_out)
-        grad_x = torch.empty_like(x)
-        bwd = torch.empty(self.layout.bwd_len, dtype=_F32, device=self.device)
-        grad_w, grad_b = self.launches.backward(grad_out, x, grad_x, fwd, bwd)
-        return grad_x, grad_w, grad_b
+        return self.launches.backward(grad_out, x, saved)
+
+    def kernel_buffers(self, x: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """A tensor like ``x`` and a scratch of ``length`` fp32 values, for the kernels' passes."""
+        return torch.empty_like(x), torch.empty(length, dtype=_F32, device=self.device)
+
+    def in_kernel_layout(self, grad_out: Tensor, x: Tensor) -> Tensor:
+        """``grad_out`` with the strides of ``x``: the kernels walk x and dy with the same offsets."""
+        return grad_out if grad_out.stride() == self.strides else torch.empty_like(x).copy_(grad_out)
 
 
 class _CudaLaunches:
@@ -199,6 +203,7 @@ class _CudaLaunches:
 
         module = cuda_extension()
         assert module is not None  # the cuda backend runs this plan: the module is installed
+        self.plan = plan
         self.module = module
         geo, layout = plan.geo, plan.layout
         self.step = module.StepPlan(
@@ -216,39 +221,45 @@ class _CudaLaunches:
         self.pointers = plan.pointers
         self.grad_split = (geo.c, geo.c, layout.bwd_len - 2 * geo.c)
 
-    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
+        out, scratch = self.plan.kernel_buffers(x, self.plan.layout.fwd_len)
         # The parameters' and buffers' addresses are the plan's: run() has checked them.
         stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
         self.module.step_forward(self.step, self.index, stream, x.data_ptr(), out.data_ptr(),
                                  scratch.data_ptr(), *self.pointers, self.status)
+        return out, scratch
 
-    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
-                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        grad_out = self.plan.in_kernel_layout(grad_out, x)
+        grad_x, bwd = self.plan.kernel_buffers(x, self.plan.layout.bwd_len)
         stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
         self.module.step_backward(self.step, self.index, stream, x.data_ptr(), grad_out.data_ptr(),
                                   grad_x.data_ptr(), fwd.data_ptr(), bwd.data_ptr())
         grad_w, grad_b, _ = bwd.split_with_sizes(self.grad_split)
-        return grad_w, grad_b
+        return grad_x, grad_w, grad_b
 
 
 class _TritonLaunches:
     """A plan's passes as launches of the Triton kernels, on views of the scratch.
     Triton launches on the current device: the passes make x's device current."""
 
-    def __init__(self, plan: LaunchPlan):
+    def __init__(self, plan: LaunchPlan, x: Tensor):
         from .triton import TritonKernels
 
         self.kernels = TritonKernels()
         self.plan = plan
 
-    def forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
+        out, scratch = self.plan.kernel_buffers(x, self.plan.layout.fwd_len)
         with on_device(x):
             self._forward(x, out, scratch, tensors)
+        return out, scratch
 
-    def backward(self, grad_out: Tensor, x: Tensor, grad_x: Tensor, fwd: Tensor,
-                 bwd: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        grad_out = self.plan.in_kernel_layout(grad_out, x)
+        grad_x, bwd = self.plan.kernel_buffers(x, self.plan.layout.bwd_len)
         with on_device(x):
-            return self._backward(grad_out, x, grad_x, fwd, bwd)
+            return (grad_x, *self._backward(grad_out, x, grad_x, fwd, bwd))
 
     def _forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
         plan, kernels = self.plan, self.kernels
@@ -288,21 +299,54 @@ class _TritonLaunches:
         return grad_w, grad_b
 
 
+class _TorchSteps:
+    """A plan's passes as the torch backend's forward and backward
+    (:mod:`acnorm_fused.backends.pytorch`), the arithmetic of the general path
+    itself: what the plan skips is the checks and the custom op's layers."""
+
+    def __init__(self, plan: LaunchPlan, x: Tensor):
+        from . import pytorch
+
+        self.backend = pytorch
+        self.plan = plan
+        self.config = StepConfig(plan.batch_stats, plan.momentum, plan.eps, plan.temperature, plan.activation,
+                                 plan.negative_slope)
+
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+        w, b, wt, bt, rm, rv = tensors
+        affines = stack_affines(w, b, wt, bt)
+        check_finite_affines(self.plan.caller, affines)  # before anything of the layer's moves
+        out, mean, invstd, new_mean, new_var, aux = self.backend.forward(x, affines, rm, rv, self.config)
+        if self.plan.update_running:
+            assert rm is not None and rv is not None  # the plan was built with them
+            torch._foreach_copy_([rm, rv], [new_mean, new_var])
+        return out, (mean, invstd, aux)
+
+    def backward(self, grad_out: Tensor, x: Tensor, saved: tuple[Tensor, Tensor, Tensor]
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        grad_x, grad_target = self.backend.backward(grad_out, x, *saved, self.config)
+        return grad_x, grad_target[0], grad_target[1]
+
+
+# How each backend that plans runs a plan's passes.
+_STEPS = {"cuda": _CudaLaunches, "triton": _TritonLaunches, "torch": _TorchSteps}
+
+
 class PlannedStep(torch.autograd.Function):
     """AC-Norm through a :class:`LaunchPlan`: differentiable in ``x``,
     ``weight_target`` and ``bias_target``; saves ``x`` alone."""
 
     @staticmethod
     def forward(ctx, plan: LaunchPlan, tensors, x: Tensor, weight_target: Tensor, bias_target: Tensor) -> Tensor:
-        out, scratch = plan.forward(x, tensors)
+        out, saved = plan.forward(x, tensors)
         ctx.save_for_backward(x)
         ctx.plan = plan
-        ctx.scratch = scratch
+        ctx.saved = saved  # the forward's scratch (kernels) or statistics and aux (torch)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
         x, = ctx.saved_tensors
-        grad_x, grad_w, grad_b = ctx.plan.backward(grad_out, x, ctx.scratch)
+        grad_x, grad_w, grad_b = ctx.plan.backward(grad_out, x, ctx.saved)
         return None, None, grad_x, grad_w, grad_b
