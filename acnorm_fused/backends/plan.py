@@ -36,6 +36,8 @@ decided when its plan is built.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -169,7 +171,7 @@ class LaunchPlan:
             layer._buffers["num_batches_tracked"].add_(1)
         return out
 
-    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, object]:
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Any]:
         """``(out, what the backward needs)``; raises for non-finite affines (see the module docstring)."""
         status = self.status
         if status.deferred:
@@ -328,8 +330,17 @@ class _TorchSteps:
         return grad_x, grad_target[0], grad_target[1]
 
 
+class _Passes(Protocol):
+    """A plan's forward and backward on one backend."""
+
+    def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Any]: ...
+
+    def backward(self, grad_out: Tensor, x: Tensor, saved: Any) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
 # How each backend that plans runs a plan's passes.
-_STEPS = {"cuda": _CudaLaunches, "triton": _TritonLaunches, "torch": _TorchSteps}
+_STEPS: dict[str, Callable[[LaunchPlan, Tensor], _Passes]] = {
+    "cuda": _CudaLaunches, "triton": _TritonLaunches, "torch": _TorchSteps}
 
 
 class PlannedStep(torch.autograd.Function):
