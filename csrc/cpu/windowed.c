@@ -174,10 +174,45 @@ STATE_DEFINE(f64, double, uint64_t, UINT64_C(0x8000000000000000))
 
 /* ------------------------------------------------------------- the products */
 
-/* exp(x) for x <= 0: zero below exp's underflow without taking glibc's slow
- * path there (errno and a subnormal result, for terms that cannot matter
- * next to a sum's largest, exp(0)-sized, ones). */
-static inline double exp_nonpositive(double x) { return x < -708.0 ? 0.0 : exp(x); }
+/* exp(x) in place for x <= 0 (-inf included), as one loop the compiler
+ * vectorises: a libm exp per value cost as much as the rest of a product.
+ * Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, the Taylor polynomial
+ * of degree 13 (truncation below 1e-17 relative), 2^k from its exponent bits:
+ * within 2 ulp of exp. Zero below -708, where exp would leave the normal
+ * range: such terms cannot matter next to a sum's largest, exp(0)-sized, ones. */
+static void exp_in_place(double* x, int64_t n) {
+  const double log2e = 1.4426950408889634, shifter = 6755399441055744.0; /* 1.5 * 2^52 */
+  const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
+  uint64_t shifter_bits;
+  memcpy(&shifter_bits, &shifter, sizeof shifter_bits);
+  for (int64_t i = 0; i < n; ++i) {
+    double v = x[i];
+    double c = v < -708.0 ? -708.0 : v;
+    double t = c * log2e + shifter; /* k + 1.5 * 2^52: k in the low bits */
+    double k = t - shifter;
+    double r = (c - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    uint64_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    uint64_t scale_bits = (bits - shifter_bits + 1023) << 52; /* k >= -1022: a normal 2^k */
+    double scale;
+    memcpy(&scale, &scale_bits, sizeof scale);
+    x[i] = v < -708.0 ? 0.0 : p * scale;
+  }
+}
 
 /* What every product needs of the state, in double and sorted order. */
 typedef struct {
@@ -193,13 +228,13 @@ typedef struct {
   /* step[p] = exp(su[p-1] - su[p]) <= 1 between neighbours; 0 at p = 0 and p = n,
    * so that the sums' first terms need no case of their own. */
   double* step;
-  /* Work rows: two of n + 1 (prefix and suffix sums, or the sweeps' edge
-   * histograms) and one of n. */
-  double *first, *second, *held;
+  /* Work rows for two value rows at a time: per value row a prefix and a
+   * suffix row of n + 1 (or the sweeps' two edge histograms) and a row of n. */
+  double *prefix[2], *suffix[2], *held[2];
 } Windows;
 
 static int windows_alloc(Windows* w, int64_t n) {
-  size_t rows = 7 * (size_t)n + 3 * (size_t)(n + 1) + (size_t)n;
+  size_t rows = 9 * (size_t)n + 5 * (size_t)(n + 1);
   w->n = n;
   int64_t* ints = scratch(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
   if (!ints) return -1;
@@ -208,23 +243,34 @@ static int windows_alloc(Windows* w, int64_t n) {
   w->su = d; w->st = d + n; w->inv_z = d + 2 * n;
   w->left_mid = d + 3 * n; w->left_lo = d + 4 * n; w->right_mid = d + 5 * n; w->right_hi = d + 6 * n;
   w->step = d + 7 * n;
-  w->first = w->step + n + 1;
-  w->second = w->first + n + 1;
-  w->held = w->second + n + 1;
+  double* work = w->step + n + 1;
+  for (int r = 0; r < 2; ++r) {
+    w->prefix[r] = work + 2 * r * (n + 1);
+    w->suffix[r] = w->prefix[r] + n + 1;
+    w->held[r] = work + 4 * (n + 1) + r * n;
+  }
   return 0;
 }
 
-/* prefix[m] = sum_{j<m} v[order[j]] exp(su[j] - su[m-1]) (0 for m = 0) and
- * suffix[m] = sum_{j>=m} v[order[j]] exp(su[m] - su[j]) (0 for m = n); v = NULL: ones. */
+/* For two rows a and b (b = a for one row; NULL: ones), into w->prefix[r] and
+ * w->suffix[r]: prefix[m] = sum_{j<m} v[order[j]] exp(su[j] - su[m-1]) (0 for
+ * m = 0) and suffix[m] = sum_{j>=m} v[order[j]] exp(su[m] - su[j]) (0 for m = n).
+ * Each is a chain of multiply-adds whose every step waits for the last: the
+ * four run in one loop, so that the CPU overlaps them. */
 #define SUMS_DEFINE(SUFFIX, T)                                                                     \
-  static void sorted_sums_##SUFFIX(const Windows* w, const T* v, double* prefix, double* suffix) {  \
+  static void sorted_sums_##SUFFIX(const Windows* w, const T* a, const T* b) {                     \
     int64_t n = w->n;                                                                              \
-    prefix[0] = 0.0;                                                                               \
-    for (int64_t m = 1; m <= n; ++m)                                                               \
-      prefix[m] = prefix[m - 1] * w->step[m - 1] + (v ? (double)v[w->order[m - 1]] : 1.0);         \
-    suffix[n] = 0.0;                                                                               \
-    for (int64_t m = n - 1; m >= 0; --m)                                                           \
-      suffix[m] = suffix[m + 1] * w->step[m + 1] + (v ? (double)v[w->order[m]] : 1.0);             \
+    double *pa = w->prefix[0], *pb = w->prefix[1], *sa = w->suffix[0], *sb = w->suffix[1];          \
+    pa[0] = pb[0] = sa[n] = sb[n] = 0.0;                                                           \
+    for (int64_t m = 1; m <= n; ++m) {                                                             \
+      int64_t j = n - m; /* the suffix's position */                                             \
+      int64_t up = w->order[m - 1], down = w->order[j];                                            \
+      double step_up = w->step[m - 1], step_down = w->step[j + 1];                                 \
+      pa[m] = pa[m - 1] * step_up + (a ? (double)a[up] : 1.0);                                     \
+      pb[m] = pb[m - 1] * step_up + (b ? (double)b[up] : 1.0);                                     \
+      sa[j] = sa[j + 1] * step_down + (a ? (double)a[down] : 1.0);                                 \
+      sb[j] = sb[j + 1] * step_down + (b ? (double)b[down] : 1.0);                                 \
+    }                                                                                              \
   }
 
 #define WINDOWS_DEFINE(SUFFIX, T)                                                                  \
@@ -241,37 +287,52 @@ static int windows_alloc(Windows* w, int64_t n) {
     for (int64_t p = 0; p < n; ++p)                                                                \
       w->su[p] = (double)state[ROW_SOURCE * n + w->order[p]] / temperature;                        \
     w->step[0] = w->step[n] = 0.0;                                                                 \
-    for (int64_t p = 1; p < n; ++p) w->step[p] = exp_nonpositive(w->su[p - 1] - w->su[p]);                     \
+    for (int64_t p = 1; p < n; ++p) w->step[p] = w->su[p - 1] - w->su[p];                          \
+    exp_in_place(w->step + 1, n - 1);                                                              \
     /* The unit sums: the softmax denominators' two halves. */                                    \
-    sorted_sums_##SUFFIX(w, NULL, w->first, w->second);                                            \
+    sorted_sums_##SUFFIX(w, NULL, NULL);                                                           \
+    /* The edge factors' exponents first, then their exponentials in one pass over                 \
+     * the three consecutive rows left_lo, right_mid, right_hi. Of left_mid and                     \
+     * right_mid one is exp(0); the other, exp(-|below - above|), is taken in                       \
+     * right_mid's row and moved where it belongs after. */                                         \
     for (int64_t i = 0; i < n; ++i) {                                                              \
       int64_t mid = w->mid[i], lo = w->lo[i], hi = w->hi[i];                                       \
       double t = w->st[i];                                                                         \
       double below = mid > 0 ? t - w->su[mid - 1] : INFINITY;                                      \
       double above = mid < n ? w->su[mid] - t : INFINITY;                                          \
       double near = below < above ? below : above; /* d_i */                                       \
-      /* One of the two is exp(0); the other exp(-|below - above|), 0 past an end. */   \
-      double other = exp_nonpositive(-fabs(below - above));                                        \
-      w->left_mid[i] = below <= above ? 1.0 : other;                                               \
-      w->right_mid[i] = below <= above ? other : 1.0;                                              \
-      w->left_lo[i] = lo > 0 ? exp_nonpositive(w->su[lo - 1] - t + near) : 0.0;                   \
-      w->right_hi[i] = hi < n ? exp_nonpositive(t - w->su[hi] + near) : 0.0;                                   \
-      w->inv_z[i] = 1.0 / (w->first[mid] * w->left_mid[i] + w->second[mid] * w->right_mid[i]);     \
+      w->right_mid[i] = -fabs(below - above); /* -inf past an end */                              \
+      w->left_lo[i] = lo > 0 ? w->su[lo - 1] - t + near : -INFINITY;                              \
+      w->right_hi[i] = hi < n ? t - w->su[hi] + near : -INFINITY;                                  \
+    }                                                                                              \
+    exp_in_place(w->left_lo, 3 * n);                                                               \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+      int64_t mid = w->mid[i];                                                                     \
+      double t = w->st[i];                                                                         \
+      int left_nearer = mid == n || (mid > 0 && t - w->su[mid - 1] <= w->su[mid] - t);             \
+      double other = w->right_mid[i];                                                              \
+      w->left_mid[i] = left_nearer ? 1.0 : other;                                                  \
+      w->right_mid[i] = left_nearer ? other : 1.0;                                                 \
+      w->inv_z[i] = 1.0 / (w->prefix[0][mid] * w->left_mid[i] + w->suffix[0][mid] * w->right_mid[i]); \
     }                                                                                              \
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
-  /* out = (I + S) v for each of the k rows v. */                                                  \
+  /* out = (I + S) v for each of the k rows v, two at a time. */                                  \
   static void times_##SUFFIX(const Windows* w, int64_t k, const T* values, T* out) {              \
     int64_t n = w->n;                                                                              \
-    double *prefix = w->first, *suffix = w->second;                                                \
-    for (int64_t row = 0; row < k; ++row) {                                                        \
-      const T* v = values + row * n;                                                               \
-      sorted_sums_##SUFFIX(w, v, prefix, suffix);                                                  \
-      for (int64_t i = 0; i < n; ++i) {                                                            \
-        double kept = prefix[w->mid[i]] * w->left_mid[i] - prefix[w->lo[i]] * w->left_lo[i]       \
-                      + suffix[w->mid[i]] * w->right_mid[i] - suffix[w->hi[i]] * w->right_hi[i];   \
-        out[row * n + i] = (T)((double)v[i] + kept * w->inv_z[i]);                                 \
+    for (int64_t row = 0; row < k; row += 2) {                                                     \
+      int64_t rows = k - row < 2 ? 1 : 2;                                                          \
+      const T* a = values + row * n;                                                               \
+      sorted_sums_##SUFFIX(w, a, a + (rows - 1) * n);                                              \
+      for (int64_t r = 0; r < rows; ++r) {                                                         \
+        const T* v = a + r * n;                                                                    \
+        const double *prefix = w->prefix[r], *suffix = w->suffix[r];                               \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+          double kept = prefix[w->mid[i]] * w->left_mid[i] - prefix[w->lo[i]] * w->left_lo[i]     \
+                        + suffix[w->mid[i]] * w->right_mid[i] - suffix[w->hi[i]] * w->right_hi[i]; \
+          out[(row + r) * n + i] = (T)((double)v[i] + kept * w->inv_z[i]);                         \
+        }                                                                                          \
       }                                                                                            \
     }                                                                                              \
   }                                                                                                \
@@ -280,30 +341,53 @@ static int windows_alloc(Windows* w, int64_t n) {
    * position p, the rows whose window holds p on their left (lo <= p < mid)                       \
    * and on their right (mid <= p < hi), gathered by one sweep over p each way,                    \
    * the rows entering and leaving at their window edges (histograms over the                      \
-   * edges, each row's term at the edge where it enters or leaves). */                             \
+   * edges, each row's term at the edge where it enters or leaves). Two rows at                    \
+   * a time, both sweeps in one loop: four independent chains. */                                  \
   static void times_transposed_##SUFFIX(const Windows* w, int64_t k, const T* grads, T* out) {     \
     int64_t n = w->n;                                                                              \
-    double *left = w->first, *right = w->second, *held = w->held;                                  \
-    for (int64_t row = 0; row < k; ++row) {                                                        \
-      const T* g = grads + row * n;                                                                \
-      memset(left, 0, (size_t)(n + 1) * sizeof(double));                                           \
-      memset(right, 0, (size_t)(n + 1) * sizeof(double));                                          \
-      for (int64_t i = 0; i < n; ++i) {                                                            \
-        double a = (double)g[i] * w->inv_z[i];                                                     \
-        /* Left: held for p in [lo, mid), swept downwards (enters at p = mid - 1). */             \
-        left[w->mid[i]] += a * w->left_mid[i];                                                     \
-        left[w->lo[i]] -= a * w->left_lo[i];                                                       \
-        /* Right: held for p in [mid, hi), swept upwards (enters at p = mid). */                  \
-        right[w->mid[i]] += a * w->right_mid[i];                                                   \
-        right[w->hi[i]] -= a * w->right_hi[i];                                                     \
+    for (int64_t row = 0; row < k; row += 2) {                                                     \
+      int64_t rows = k - row < 2 ? 1 : 2;                                                          \
+      for (int64_t r = 0; r < rows; ++r) {                                                         \
+        const T* g = grads + (row + r) * n;                                                        \
+        double *left = w->prefix[r], *right = w->suffix[r];                                        \
+        memset(left, 0, (size_t)(n + 1) * sizeof(double));                                         \
+        memset(right, 0, (size_t)(n + 1) * sizeof(double));                                        \
+        for (int64_t i = 0; i < n; ++i) {                                                          \
+          double a = (double)g[i] * w->inv_z[i];                                                   \
+          /* Left: held for p in [lo, mid), swept downwards (enters at p = mid - 1). */           \
+          left[w->mid[i]] += a * w->left_mid[i];                                                   \
+          left[w->lo[i]] -= a * w->left_lo[i];                                                     \
+          /* Right: held for p in [mid, hi), swept upwards (enters at p = mid). */                \
+          right[w->mid[i]] += a * w->right_mid[i];                                                 \
+          right[w->hi[i]] -= a * w->right_hi[i];                                                   \
+        }                                                                                          \
       }                                                                                            \
-      double sweep = 0.0;                                                                          \
-      for (int64_t p = n - 1; p >= 0; --p) held[p] = sweep = sweep * w->step[p + 1] + left[p + 1]; \
-      sweep = 0.0;                                                                                 \
-      for (int64_t p = 0; p < n; ++p) {                                                            \
-        sweep = sweep * w->step[p] + right[p];                                                     \
-        int64_t c = w->order[p];                                                                   \
-        out[row * n + c] = (T)((double)g[c] + held[p] + sweep);                                    \
+      if (rows == 1) { /* a second, empty row keeps the loop below one shape */                   \
+        memset(w->prefix[1], 0, (size_t)(n + 1) * sizeof(double));                                 \
+        memset(w->suffix[1], 0, (size_t)(n + 1) * sizeof(double));                                 \
+      }                                                                                            \
+      double *la = w->prefix[0], *lb = w->prefix[1], *ra = w->suffix[0], *rb = w->suffix[1];       \
+      double *ha = w->held[0], *hb = w->held[1];                                                   \
+      double down_a = 0.0, down_b = 0.0, up_a = 0.0, up_b = 0.0;                                   \
+      for (int64_t m = 0; m < n; ++m) {                                                            \
+        int64_t p = n - 1 - m; /* downwards */                                                   \
+        down_a = down_a * w->step[p + 1] + la[p + 1];                                              \
+        down_b = down_b * w->step[p + 1] + lb[p + 1];                                              \
+        /* Each position is reached by both sweeps: the first assigns, the second adds             \
+         * (the up sweep passed p already when p < m; at p == m the down sweep is first). */       \
+        ha[p] = p < m ? ha[p] + down_a : down_a;                                                   \
+        hb[p] = p < m ? hb[p] + down_b : down_b;                                                   \
+        up_a = up_a * w->step[m] + ra[m];                                                          \
+        up_b = up_b * w->step[m] + rb[m];                                                          \
+        ha[m] = m >= p ? ha[m] + up_a : up_a;                                                      \
+        hb[m] = m >= p ? hb[m] + up_b : up_b;                                                      \
+      }                                                                                            \
+      for (int64_t r = 0; r < rows; ++r) {                                                         \
+        const T* g = grads + (row + r) * n;                                                        \
+        for (int64_t q = 0; q < n; ++q) {                                                          \
+          int64_t c = w->order[q];                                                                 \
+          out[(row + r) * n + c] = (T)((double)g[c] + w->held[r][q]);                              \
+        }                                                                                          \
       }                                                                                            \
     }                                                                                              \
   }
