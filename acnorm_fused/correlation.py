@@ -40,6 +40,7 @@ __all__ = [
     "correlation_from_stack",
     "correlation_sum",
     "recalibration_state",
+    "recalibrated_state",
     "recalibrate",
     "recalibrate_grad",
     "WINDOWED_MIN_CHANNELS",
@@ -197,6 +198,23 @@ def recalibration_state(affines: Tensor, eps: float = 1e-5, temperature: float =
         return correlation_from_stack(affines, eps, temperature)
     with _full_precision(affines.device):
         return windowed_state(signatures(affines[0::2], affines[1::2], eps))
+
+
+def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 1.0) -> Tensor:
+    """:func:`recalibration_state` of the ``(4, C)`` rows made by
+    :func:`stack_affines` with the effective affine ``(I + S) [gamma_t, beta_t]``
+    as two more rows (what the torch backend keeps for its backward): in one
+    call of the compiled module for a wide layer on the CPU."""
+    channels = affines.shape[1]
+    compiled = _compiled_for(affines)
+    if compiled is not None and uses_windows(channels, affines.device):
+        rows = affines.contiguous()
+        out = rows.new_empty((WINDOW_ROWS + 2, channels))
+        compiled.window_recalibration(channels, rows.dtype == torch.float64, rows.data_ptr(), eps, temperature,
+                                      out.data_ptr())
+        return out
+    state = recalibration_state(affines, eps, temperature)
+    return torch.cat((state, recalibrate(state, affines[2:], temperature)))
 
 
 def _is_windowed(state: Tensor) -> bool:

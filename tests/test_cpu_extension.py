@@ -79,6 +79,20 @@ def test_window_product_refuses_bad_calls(compiled):
         compiled.window_product(*good[:-1])
 
 
+def test_window_recalibration_refuses_bad_calls(compiled):
+    affines, out = torch.ones(4, 8), torch.empty(correlation.WINDOW_ROWS + 2, 8)
+    good = [8, False, affines.data_ptr(), 1e-5, 1.0, out.data_ptr()]
+    for index, value in [(3, -1.0), (3, float("nan")), (4, 0.0)]:
+        arguments = list(good)
+        arguments[index] = value
+        with pytest.raises(ValueError, match="eps must be >= 0 and temperature positive"):
+            compiled.window_recalibration(*arguments)
+    with pytest.raises(ValueError, match="null address"):
+        compiled.window_recalibration(*good[:5], 0)
+    with pytest.raises(TypeError, match=r"window_recalibration takes 6 arguments \(5 given\)"):
+        compiled.window_recalibration(*good[:5])
+
+
 def test_unknown_cpu_build_mode_is_refused(monkeypatch):
     """setup.py reads ACNORM_BUILD_CPU like ACNORM_BUILD_CUDA."""
     import subprocess

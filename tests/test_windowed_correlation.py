@@ -121,6 +121,22 @@ def test_compiled_window_state_is_the_pytorch_one(kind, dtype, monkeypatch):
     assert torch.equal(compiled, correlation.windowed_state(signatures))
 
 
+@pytest.mark.parametrize("implementation", ["compiled"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_forward_step_is_the_pytorch_one(kind, dtype, monkeypatch):
+    """The torch backend's forward C x C step in one compiled call: signatures
+    and window state bit for bit, the effective affine to rounding."""
+    affines = _affines_with(*_signatures(kind, 1537, seed=6), seed=4).to(dtype)
+    affines[0, :3] = torch.tensor([0.0, -1e-7, -2.0], dtype=dtype)  # gammas at and around zero, negative
+    compiled = correlation.recalibrated_state(affines, 1e-5, 0.5)
+    monkeypatch.setattr(correlation, "_compiled", None)
+    expected = correlation.recalibrated_state(affines, 1e-5, 0.5)
+    assert compiled.shape == expected.shape == (correlation.WINDOW_ROWS + 2, 1537)
+    assert torch.equal(compiled[:-2], expected[:-2])
+    assert_close(compiled[-2:], expected[-2:], scale=0.1)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 0.1])
 def test_windowed_products_in_float32_within_batchnorm_tolerance(kind, temperature):

@@ -31,9 +31,8 @@ from ..correlation import (
     WINDOW_ROWS,
     as_dtype,
     compute_dtype,
-    recalibrate,
     recalibrate_grad,
-    recalibration_state,
+    recalibrated_state,
     uses_windows,
 )
 from ..statistics import MOMENT_ROWS
@@ -123,10 +122,9 @@ def _train_forward_own_reductions(
 
 
 def _effective_affine(affines: Tensor, eps: float, temperature: float, dtype: torch.dtype):
-    """``(aux, W, B)``: S (or, for wide layers, the signatures it is applied from)
+    """``(aux, W, B)``: S (or, for wide layers, the window state it is applied from)
     with the effective affine as two more rows, and W, B in ``dtype``."""
-    state = recalibration_state(affines, eps, temperature)
-    aux = torch.cat((state, recalibrate(state, affines[2:], temperature)))
+    aux = recalibrated_state(affines, eps, temperature)
     return aux, as_dtype(aux[-2], dtype), as_dtype(aux[-1], dtype)
 
 

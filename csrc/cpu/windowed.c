@@ -395,6 +395,27 @@ static int windows_alloc(Windows* w, int64_t n) {
 WINDOWS_DEFINE(f32, float)
 WINDOWS_DEFINE(f64, double)
 
+/* The torch backend's forward C x C step in one call: from the (4, C) affine
+ * rows [gamma_s, beta_s, gamma_t, beta_t], the signatures beta / (|gamma| + eps)
+ * (rounded as PyTorch rounds them: T arithmetic), the window state, and the
+ * effective affine (I + S) [gamma_t, beta_t] as two more rows of out. */
+#define RECALIBRATION_DEFINE(SUFFIX, T, ABS)                                                      \
+  static int recalibration_##SUFFIX(int64_t n, const T* affines, double eps, double temperature,  \
+                                    T* out) {                                                     \
+    T e = (T)eps;                                                                                 \
+    for (int64_t i = 0; i < n; ++i) {                                                             \
+      out[ROW_SOURCE * n + i] = affines[n + i] / (ABS(affines[i]) + e);                           \
+      out[ROW_TARGET * n + i] = affines[3 * n + i] / (ABS(affines[2 * n + i]) + e);               \
+    }                                                                                             \
+    Windows w;                                                                                    \
+    if (window_state_##SUFFIX(n, out, out) || windows_##SUFFIX(&w, n, out, temperature)) return -1; \
+    times_##SUFFIX(&w, 2, affines + 2 * n, out + WINDOW_ROWS * n);                                \
+    return 0;                                                                                     \
+  }
+
+RECALIBRATION_DEFINE(f32, float, fabsf)
+RECALIBRATION_DEFINE(f64, double, fabs)
+
 /* ---------------------------------------------------------------- bindings */
 
 static void* address(PyObject* value) {
@@ -490,7 +511,41 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
   Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(window_recalibration_doc,
+             "window_recalibration(channels, double, affines, eps, temperature, out)\n\n"
+             "Writes to address `out` the (8, C) rows of the window state of the (4, C) affine\n"
+             "rows at address `affines` (signatures with `eps`) and the effective affine\n"
+             "(I + S) [gamma_t, beta_t], in float64 when `double`, else float32.");
+
+static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  (void)self;
+  int64_t n;
+  if (check_args("window_recalibration", nargs, 6) || channels(args[0], &n)) return NULL;
+  int is_double = PyObject_IsTrue(args[1]);
+  void* affines = address(args[2]);
+  if (is_double < 0 || !affines) return NULL;
+  double eps = PyFloat_AsDouble(args[3]);
+  if (eps == -1.0 && PyErr_Occurred()) return NULL;
+  double temperature = PyFloat_AsDouble(args[4]);
+  if (temperature == -1.0 && PyErr_Occurred()) return NULL;
+  if (!(eps >= 0.0) || !(temperature > 0.0)) {
+    PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: eps must be >= 0 and temperature positive");
+    return NULL;
+  }
+  void* out = address(args[5]);
+  if (!out) return NULL;
+  int status;
+  Py_BEGIN_ALLOW_THREADS
+  status = is_double ? recalibration_f64(n, affines, eps, temperature, out)
+                     : recalibration_f32(n, affines, eps, temperature, out);
+  Py_END_ALLOW_THREADS
+  if (status) return PyErr_NoMemory();
+  Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"window_recalibration", (PyCFunction)(void (*)(void))py_window_recalibration, METH_FASTCALL,
+     window_recalibration_doc},
     {"window_state", (PyCFunction)(void (*)(void))py_window_state, METH_FASTCALL, window_state_doc},
     {"window_product", (PyCFunction)(void (*)(void))py_window_product, METH_FASTCALL, window_product_doc},
     {NULL, NULL, 0, NULL},
