@@ -109,8 +109,9 @@ def test_bench_host_profile_writes_its_report(tmp_path, capsys):
         assert 0 < float(host) <= float(step), "issuing a step cannot take longer than the step"
         assert graph.strip() == "-", "no CUDA graph on a CPU"
         assert 0 < float(share) <= 1
-    # The profiles name the fused layer's own functions and the operators it runs.
-    assert "functional.py" in report and "ACNormFunction" in report
+    # The profiles name the fused layer's own functions (its launch plan, on a CPU
+    # the torch backend's) and the operators it runs.
+    assert "plan.py" in report and "PlannedStep" in report
     assert "[1/1]" in capsys.readouterr().err
 
 

@@ -21,11 +21,15 @@ from torch import nn
 # Lines that the profiler's native library (kineto) writes to the process's
 # stderr on every start and stop, whatever its log level.
 _PROFILER_CHATTER = ("USDT:", "STAGE:")
+# A warning of the memory profiler (printed once per process) about a block freed
+# in the profiled step that was allocated before it: nothing the step did wrong.
+_PROFILER_WARNINGS = ("profiler results will not include the deallocation event",)
 
 
 @contextlib.contextmanager
 def quiet_profiler() -> Iterator[None]:
-    """Hide the profiler's native start/stop lines: file descriptor 2 goes to a
+    """Hide the profiler's native start/stop lines (and its warning about blocks
+    allocated before it started): file descriptor 2 goes to a
     temporary file while the block runs, and every other line written there is
     passed on to stderr afterwards."""
     sys.stderr.flush()
@@ -40,7 +44,8 @@ def quiet_profiler() -> Iterator[None]:
             os.close(saved)
             captured.seek(0)
             kept = [line for line in captured.read().decode(errors="replace").splitlines(keepends=True)
-                    if not line.startswith(_PROFILER_CHATTER)]
+                    if not line.startswith(_PROFILER_CHATTER)
+                    and not any(warning in line for warning in _PROFILER_WARNINGS)]
             sys.stderr.write("".join(kept))
 
 def reuse_freed_memory() -> bool:
