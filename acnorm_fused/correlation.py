@@ -162,9 +162,10 @@ def _check_affine_arguments(caller: str, *tensors) -> None:
 
 # From this many channels on, the torch backend, effective_affine and AC-Corr
 # apply S by windows over the sorted source signatures (O(C log C) time, O(C)
-# memory) instead of forming the C x C matrix: the crossovers measured on a
-# CPU (the README gives the numbers), for the windowed products in PyTorch
-# operations and for their compiled version (CPU tensors, when installed).
+# memory) instead of forming the C x C matrix: for the windowed products in
+# PyTorch operations the crossover measured on a CPU (the README gives the
+# numbers); their compiled version (CPU tensors, when installed) starts at the
+# same width for now (its own, lower, crossover is not measured yet).
 WINDOWED_MIN_CHANNELS = 1024
 COMPILED_WINDOWED_MIN_CHANNELS = 1024
 
