@@ -46,6 +46,7 @@ __all__ = [
     "WINDOWED_MIN_CHANNELS",
     "COMPILED_WINDOWED_MIN_CHANNELS",
     "uses_windows",
+    "state_rows",
     "windowed_state",
     "compiled_windows_status",
     "effective_affine",
@@ -205,12 +206,14 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
     """:func:`recalibration_state` of the ``(4, C)`` rows made by
     :func:`stack_affines` with the effective affine ``(I + S) [gamma_t, beta_t]``
     as two more rows (what the torch backend keeps for its backward): in one
-    call of the compiled module for a wide layer on the CPU."""
+    call of the compiled module for a wide layer on the CPU, whose state then
+    carries what the backward's product would build again (see
+    :func:`state_rows`)."""
     channels = affines.shape[1]
     compiled = _compiled_for(affines)
     if compiled is not None and uses_windows(channels, affines.device):
         rows = affines.contiguous()
-        out = rows.new_empty((WINDOW_ROWS + 2, channels))
+        out = rows.new_empty((_cached_state_rows(rows.dtype) + 2, channels))
         compiled.window_recalibration(channels, rows.dtype == torch.float64, rows.data_ptr(), eps, temperature,
                                       out.data_ptr())
         return out
@@ -219,7 +222,8 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
 
 
 def _is_windowed(state: Tensor) -> bool:
-    # (6, C) rows against a square S: windows start far above 6 channels.
+    # A window state (6 rows, or 11 or 16 with the compiled cache) against a square S:
+    # windows start far above 16 channels.
     return state.shape[0] != state.shape[1]
 
 
@@ -280,9 +284,26 @@ _LINEAR_SPAN = 400.0
 # Rows of a wide layer's state: y_s, y_t, the sorting order of y_s and each
 # row's window edges lo, mid, hi (positions < 2^24, exact in float32).
 WINDOW_ROWS = 6
-if _compiled is not None and getattr(_compiled, "WINDOW_ROWS", None) != WINDOW_ROWS:
+# What the compiled forward adds to the state for the backward: float64 rows
+# (the weights at the window edges and the neighbours' steps), bit for bit.
+CACHE_DOUBLES = 5
+if _compiled is not None and (getattr(_compiled, "WINDOW_ROWS", None), getattr(_compiled, "CACHE_DOUBLES", None)
+                              ) != (WINDOW_ROWS, CACHE_DOUBLES):
     # Built from other sources: refused, never misread.
     _compiled, _COMPILED_ERROR = None, "acnorm_fused._cpu numbers the window state's rows differently"
+
+
+def _cached_state_rows(dtype: torch.dtype) -> int:
+    """Rows of a window state with the compiled forward's cache, in ``dtype``."""
+    return WINDOW_ROWS + CACHE_DOUBLES * 8 // (8 if dtype == torch.float64 else 4)
+
+
+def state_rows(channels: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows of what :func:`recalibrated_state` gives before its last two (the
+    dense S, or a window state, with the compiled forward's cache on a CPU)."""
+    if not uses_windows(channels, device):
+        return channels
+    return _cached_state_rows(dtype) if _compiled is not None and device.type == "cpu" else WINDOW_ROWS
 
 
 def windowed_state(signature_rows: Tensor) -> Tensor:
@@ -359,7 +380,8 @@ def _windowed_product(state: Tensor, rows: Tensor, temperature: float, transpose
         rows = rows.contiguous()
         out = torch.empty_like(rows)
         compiled.window_product(state.shape[1], state.dtype == torch.float64, state.contiguous().data_ptr(),
-                                temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(), transposed)
+                                state.shape[0], temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(),
+                                transposed)
         return out
     windows = _Windows(state, temperature)
     product = windows.rows_times_s_transposed(rows) if transposed else windows.rows_times_s(rows)

@@ -26,6 +26,7 @@ def compiled():
 def test_is_the_one_the_package_uses(compiled):
     assert correlation._compiled is compiled
     assert compiled.WINDOW_ROWS == correlation.WINDOW_ROWS
+    assert compiled.CACHE_DOUBLES == correlation.CACHE_DOUBLES
     assert correlation.compiled_windows_status().startswith("built (")
 
 
@@ -63,24 +64,25 @@ def test_window_state_refuses_bad_calls(compiled, arguments, error, message):
 def test_window_product_refuses_bad_calls(compiled):
     state = torch.zeros(correlation.WINDOW_ROWS, 8)
     rows = torch.zeros(2, 8)
-    good = [8, False, state.data_ptr(), 1.0, 2, rows.data_ptr(), rows.data_ptr(), False]
+    good = [8, False, state.data_ptr(), correlation.WINDOW_ROWS, 1.0, 2, rows.data_ptr(), rows.data_ptr(), False]
     for index, value, error, message in [
-        (3, 0.0, ValueError, "temperature must be positive"),
-        (3, float("nan"), ValueError, "temperature must be positive"),
-        (4, -1, ValueError, "rows must be >= 0"),
+        (4, 0.0, ValueError, "temperature must be positive"),
+        (4, float("nan"), ValueError, "temperature must be positive"),
+        (5, -1, ValueError, "rows must be >= 0"),
         (0, -3, ValueError, "need at least one channel, got -3"),
-        (6, 0, ValueError, "null address"),
+        (7, 0, ValueError, "null address"),
+        (3, 8, ValueError, "a window state has 6 rows, or 16 with its cache; got 8"),
     ]:
         arguments = list(good)
         arguments[index] = value
         with pytest.raises(error, match=message):
             compiled.window_product(*arguments)
-    with pytest.raises(TypeError, match=r"window_product takes 8 arguments \(7 given\)"):
+    with pytest.raises(TypeError, match=r"window_product takes 9 arguments \(8 given\)"):
         compiled.window_product(*good[:-1])
 
 
 def test_window_recalibration_refuses_bad_calls(compiled):
-    affines, out = torch.ones(4, 8), torch.empty(correlation.WINDOW_ROWS + 2, 8)
+    affines, out = torch.ones(4, 8), torch.empty(correlation._cached_state_rows(torch.float32) + 2, 8)
     good = [8, False, affines.data_ptr(), 1e-5, 1.0, out.data_ptr()]
     for index, value in [(3, -1.0), (3, float("nan")), (4, 0.0)]:
         arguments = list(good)

@@ -130,11 +130,37 @@ def test_compiled_forward_step_is_the_pytorch_one(kind, dtype, monkeypatch):
     affines = _affines_with(*_signatures(kind, 1537, seed=6), seed=4).to(dtype)
     affines[0, :3] = torch.tensor([0.0, -1e-7, -2.0], dtype=dtype)  # gammas at and around zero, negative
     compiled = correlation.recalibrated_state(affines, 1e-5, 0.5)
+    assert compiled.shape == (correlation.state_rows(1537, affines.device, dtype) + 2, 1537)
     monkeypatch.setattr(correlation, "_compiled", None)
     expected = correlation.recalibrated_state(affines, 1e-5, 0.5)
-    assert compiled.shape == expected.shape == (correlation.WINDOW_ROWS + 2, 1537)
-    assert torch.equal(compiled[:-2], expected[:-2])
+    assert expected.shape == (correlation.WINDOW_ROWS + 2, 1537)
+    rows = correlation.WINDOW_ROWS
+    assert torch.equal(compiled[:rows], expected[:rows])
     assert_close(compiled[-2:], expected[-2:], scale=0.1)
+
+
+@pytest.mark.parametrize("implementation", ["compiled"], indirect=True)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_products_from_the_compiled_forward_cache(kind, temperature, dtype):
+    """The compiled forward leaves in the state what the products would build
+    again (weights at the window edges, neighbour steps, float64 bit for bit):
+    the products from it equal the dense ones as those from a plain state do."""
+    affines = _affines_with(*_signatures(kind, 1537, seed=7), seed=5).to(dtype)
+    s64, _ = _dense_and_windowed(affines, temperature)
+    cached = correlation.recalibrated_state(affines, 1e-5, temperature)[:-2]
+    assert cached.shape[0] > correlation.WINDOW_ROWS, "the state carries the cache"
+    rows = torch.cat((affines[2:], random_input((1, 1537), 8, dtype)))
+    grads = random_input((3, 1537), 9, dtype)
+    tolerance = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    for got, expected in [
+        (correlation.recalibrate(cached, rows, temperature), torch.addmm(rows.double(), rows.double(), s64.t())),
+        (correlation.recalibrate_grad(cached, grads, temperature), torch.addmm(grads.double(), grads.double(), s64)),
+    ]:
+        assert got.dtype == dtype
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got.double(), expected, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale)
 
 
 @pytest.mark.parametrize("kind", KINDS)

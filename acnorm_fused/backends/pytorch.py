@@ -28,12 +28,11 @@ import torch
 from torch import Tensor
 
 from ..correlation import (
-    WINDOW_ROWS,
     as_dtype,
     compute_dtype,
     recalibrate_grad,
     recalibrated_state,
-    uses_windows,
+    state_rows,
 )
 from ..statistics import MOMENT_ROWS
 from .activation import activation_grad, apply_activation
@@ -148,9 +147,8 @@ def aux_like(weight: Tensor) -> Tensor:
     """An empty tensor shaped like the ``aux`` this backend keeps for the backward
     (``S``, or a wide layer's window state, with the effective affine
     ``W``, ``B`` as two more rows)."""
-    channels = weight.shape[0]
-    state_rows = WINDOW_ROWS if uses_windows(channels, weight.device) else channels
-    return weight.new_empty((state_rows + 2, channels), dtype=compute_dtype(weight.dtype))
+    channels, dtype = weight.shape[0], compute_dtype(weight.dtype)
+    return weight.new_empty((state_rows(channels, weight.device, dtype) + 2, channels), dtype=dtype)
 
 
 def forward(

@@ -220,29 +220,39 @@ typedef struct {
   int64_t *order, *lo, *mid, *hi;
   double* su;      /* u / T, sorted */
   double* st;      /* y_t / T, channel order */
-  double* inv_z;   /* 1 / z'_i, z'_i >= 1 */
-  /* Row i's factors at its window edges: exp(su[e-1] - st + d) left of mid
-   * (e = mid, lo) and exp(st - su[e] + d) right of it (e = mid, hi); zero
-   * where the edge has no term. */
-  double *left_mid, *left_lo, *right_mid, *right_hi;
+  /* Row i's weights at its window edges, the softmax's 1 / z'_i (z'_i >= 1)
+   * included: exp(su[e-1] - st + d) / z' left of mid (e = mid, lo) and
+   * exp(st - su[e] + d) / z' right of it (e = mid, hi); zero where the edge
+   * has no term. In the work rows below, or in a state's cache rows. */
+  const double *left_mid, *left_lo, *right_mid, *right_hi;
   /* step[p] = exp(su[p-1] - su[p]) <= 1 between neighbours; 0 at p = 0 and p = n,
    * so that the sums' first terms need no case of their own. */
   double* step;
-  /* Work rows for two value rows at a time: per value row a prefix and a
-   * suffix row of n + 1 (or the sweeps' two edge histograms) and a row of n. */
+  /* Work rows: the four weights' rows, and for two value rows at a time a
+   * prefix and a suffix row of n + 1 (or the sweeps' edge histograms) and a row of n. */
+  double* weights;
   double *prefix[2], *suffix[2], *held[2];
 } Windows;
 
+/* A state may carry, after its WINDOW_ROWS rows, what the products build from
+ * it (the backward then builds nothing): CACHE_DOUBLES rows of C doubles, bit
+ * for bit (two float32 rows each in a float32 state): the four weight rows,
+ * then step[0 .. C). Written by window_recalibration. */
+enum { CACHE_DOUBLES = 5 };
+
+/* The cache's rows in a state of elements of `itemsize` bytes (4 or 8). */
+static int64_t cache_rows(size_t itemsize) { return CACHE_DOUBLES * (int64_t)(sizeof(double) / itemsize); }
+
 static int windows_alloc(Windows* w, int64_t n) {
-  size_t rows = 9 * (size_t)n + 5 * (size_t)(n + 1);
+  size_t rows = 8 * (size_t)n + 5 * (size_t)(n + 1); /* su, st, 4 weights, 2 held; step, 4 work */
   w->n = n;
   int64_t* ints = scratch(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
   if (!ints) return -1;
   w->order = ints; w->lo = ints + n; w->mid = ints + 2 * n; w->hi = ints + 3 * n;
   double* d = (double*)(ints + 4 * n);
-  w->su = d; w->st = d + n; w->inv_z = d + 2 * n;
-  w->left_mid = d + 3 * n; w->left_lo = d + 4 * n; w->right_mid = d + 5 * n; w->right_hi = d + 6 * n;
-  w->step = d + 7 * n;
+  w->su = d; w->st = d + n; w->weights = d + 2 * n;
+  w->left_mid = d + 2 * n; w->left_lo = d + 3 * n; w->right_mid = d + 4 * n; w->right_hi = d + 5 * n;
+  w->step = d + 6 * n;
   double* work = w->step + n + 1;
   for (int r = 0; r < 2; ++r) {
     w->prefix[r] = work + 2 * r * (n + 1);
@@ -295,26 +305,49 @@ static int windows_alloc(Windows* w, int64_t n) {
      * the three consecutive rows left_lo, right_mid, right_hi. Of left_mid and                     \
      * right_mid one is exp(0); the other, exp(-|below - above|), is taken in                       \
      * right_mid's row and moved where it belongs after. */                                         \
+    double *left_mid = w->weights, *left_lo = left_mid + n, *right_mid = left_lo + n;               \
+    double* right_hi = right_mid + n;                                                              \
     for (int64_t i = 0; i < n; ++i) {                                                              \
       int64_t mid = w->mid[i], lo = w->lo[i], hi = w->hi[i];                                       \
       double t = w->st[i];                                                                         \
       double below = mid > 0 ? t - w->su[mid - 1] : INFINITY;                                      \
       double above = mid < n ? w->su[mid] - t : INFINITY;                                          \
       double near = below < above ? below : above; /* d_i */                                       \
-      w->right_mid[i] = -fabs(below - above); /* -inf past an end */                              \
-      w->left_lo[i] = lo > 0 ? w->su[lo - 1] - t + near : -INFINITY;                              \
-      w->right_hi[i] = hi < n ? t - w->su[hi] + near : -INFINITY;                                  \
+      right_mid[i] = -fabs(below - above); /* -inf past an end */                                 \
+      left_lo[i] = lo > 0 ? w->su[lo - 1] - t + near : -INFINITY;                                 \
+      right_hi[i] = hi < n ? t - w->su[hi] + near : -INFINITY;                                     \
     }                                                                                              \
-    exp_in_place(w->left_lo, 3 * n);                                                               \
+    exp_in_place(left_lo, 3 * n);                                                                  \
     for (int64_t i = 0; i < n; ++i) {                                                              \
       int64_t mid = w->mid[i];                                                                     \
       double t = w->st[i];                                                                         \
       int left_nearer = mid == n || (mid > 0 && t - w->su[mid - 1] <= w->su[mid] - t);             \
-      double other = w->right_mid[i];                                                              \
-      w->left_mid[i] = left_nearer ? 1.0 : other;                                                  \
-      w->right_mid[i] = left_nearer ? other : 1.0;                                                 \
-      w->inv_z[i] = 1.0 / (w->prefix[0][mid] * w->left_mid[i] + w->suffix[0][mid] * w->right_mid[i]); \
+      double other = right_mid[i];                                                                 \
+      left_mid[i] = left_nearer ? 1.0 : other;                                                     \
+      right_mid[i] = left_nearer ? other : 1.0;                                                    \
+      double inv_z = 1.0 / (w->prefix[0][mid] * left_mid[i] + w->suffix[0][mid] * right_mid[i]);   \
+      left_mid[i] *= inv_z;                                                                        \
+      left_lo[i] *= inv_z;                                                                         \
+      right_mid[i] *= inv_z;                                                                       \
+      right_hi[i] *= inv_z;                                                                        \
     }                                                                                              \
+    return 0;                                                                                      \
+  }                                                                                                \
+                                                                                                   \
+  /* The same from a state that carries the cache (CACHE_DOUBLES): no exponential. */             \
+  static int windows_cached_##SUFFIX(Windows* w, int64_t n, const T* state) {                      \
+    if (windows_alloc(w, n)) return -1;                                                            \
+    for (int64_t i = 0; i < n; ++i) {                                                              \
+      w->order[i] = (int64_t)state[ROW_ORDER * n + i];                                             \
+      w->lo[i] = (int64_t)state[ROW_LO * n + i];                                                   \
+      w->mid[i] = (int64_t)state[ROW_MID * n + i];                                                 \
+      w->hi[i] = (int64_t)state[ROW_HI * n + i];                                                   \
+    }                                                                                              \
+    const double* cache = (const double*)(state + WINDOW_ROWS * n);                                \
+    w->left_mid = cache; w->left_lo = cache + n; w->right_mid = cache + 2 * n;                     \
+    w->right_hi = cache + 3 * n;                                                                   \
+    memcpy(w->step, cache + 4 * n, (size_t)n * sizeof(double));                                    \
+    w->step[n] = 0.0;                                                                              \
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
@@ -331,7 +364,7 @@ static int windows_alloc(Windows* w, int64_t n) {
         for (int64_t i = 0; i < n; ++i) {                                                          \
           double kept = prefix[w->mid[i]] * w->left_mid[i] - prefix[w->lo[i]] * w->left_lo[i]     \
                         + suffix[w->mid[i]] * w->right_mid[i] - suffix[w->hi[i]] * w->right_hi[i]; \
-          out[(row + r) * n + i] = (T)((double)v[i] + kept * w->inv_z[i]);                         \
+          out[(row + r) * n + i] = (T)((double)v[i] + kept);                                       \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
@@ -353,7 +386,7 @@ static int windows_alloc(Windows* w, int64_t n) {
         memset(left, 0, (size_t)(n + 1) * sizeof(double));                                         \
         memset(right, 0, (size_t)(n + 1) * sizeof(double));                                        \
         for (int64_t i = 0; i < n; ++i) {                                                          \
-          double a = (double)g[i] * w->inv_z[i];                                                   \
+          double a = (double)g[i];                                                                 \
           /* Left: held for p in [lo, mid), swept downwards (enters at p = mid - 1). */           \
           left[w->mid[i]] += a * w->left_mid[i];                                                   \
           left[w->lo[i]] -= a * w->left_lo[i];                                                     \
@@ -397,8 +430,9 @@ WINDOWS_DEFINE(f64, double)
 
 /* The torch backend's forward C x C step in one call: from the (4, C) affine
  * rows [gamma_s, beta_s, gamma_t, beta_t], the signatures beta / (|gamma| + eps)
- * (rounded as PyTorch rounds them: T arithmetic), the window state, and the
- * effective affine (I + S) [gamma_t, beta_t] as two more rows of out. */
+ * (rounded as PyTorch rounds them: T arithmetic), the window state, its
+ * cache for the backward, and the effective affine (I + S) [gamma_t, beta_t]
+ * as two more rows of out. */
 #define RECALIBRATION_DEFINE(SUFFIX, T, ABS)                                                      \
   static int recalibration_##SUFFIX(int64_t n, const T* affines, double eps, double temperature,  \
                                     T* out) {                                                     \
@@ -409,7 +443,10 @@ WINDOWS_DEFINE(f64, double)
     }                                                                                             \
     Windows w;                                                                                    \
     if (window_state_##SUFFIX(n, out, out) || windows_##SUFFIX(&w, n, out, temperature)) return -1; \
-    times_##SUFFIX(&w, 2, affines + 2 * n, out + WINDOW_ROWS * n);                                \
+    double* cache = (double*)(out + WINDOW_ROWS * n);                                             \
+    memcpy(cache, w.weights, 4 * (size_t)n * sizeof(double));                                     \
+    memcpy(cache + 4 * n, w.step, (size_t)n * sizeof(double));                                    \
+    times_##SUFFIX(&w, 2, affines + 2 * n, out + (WINDOW_ROWS + cache_rows(sizeof(T))) * n);      \
     return 0;                                                                                     \
   }
 
@@ -464,44 +501,54 @@ static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize
 }
 
 PyDoc_STRVAR(window_product_doc,
-             "window_product(channels, double, state, temperature, rows, values, out, transposed)\n\n"
+             "window_product(channels, double, state, state_rows, temperature, rows, values, out, transposed)\n\n"
              "Writes (I + S) v, or (I + S)^T g when `transposed`, for each of the `rows` rows of\n"
              "the (rows, C) tensor at address `values` to the one at `out`, S given by the window\n"
-             "state at address `state`; every tensor float64 when `double`, else float32.");
+             "state at address `state` (`state_rows` rows: 6, or with its cache from\n"
+             "window_recalibration); every tensor float64 when `double`, else float32.");
 
 static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
-  if (check_args("window_product", nargs, 8) || channels(args[0], &n)) return NULL;
+  if (check_args("window_product", nargs, 9) || channels(args[0], &n)) return NULL;
   int is_double = PyObject_IsTrue(args[1]);
   void* state = address(args[2]);
   if (is_double < 0 || !state) return NULL;
-  double temperature = PyFloat_AsDouble(args[3]);
+  long long state_rows = PyLong_AsLongLong(args[3]);
+  if (state_rows == -1 && PyErr_Occurred()) return NULL;
+  int cached = state_rows == WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float));
+  if (state_rows != WINDOW_ROWS && !cached) {
+    PyErr_Format(PyExc_ValueError, "acnorm_fused._cpu: a window state has %d rows, or %d with its cache; got %lld",
+                 WINDOW_ROWS, (int)(WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float))),
+                 state_rows);
+    return NULL;
+  }
+  double temperature = PyFloat_AsDouble(args[4]);
   if (temperature == -1.0 && PyErr_Occurred()) return NULL;
   if (!(temperature > 0.0)) {
     PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: temperature must be positive");
     return NULL;
   }
-  long long k = PyLong_AsLongLong(args[4]);
+  long long k = PyLong_AsLongLong(args[5]);
   if (k == -1 && PyErr_Occurred()) return NULL;
   if (k < 0) {
     PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: rows must be >= 0");
     return NULL;
   }
-  void* values = address(args[5]);
-  void* out = values ? address(args[6]) : NULL;
-  int transposed = out ? PyObject_IsTrue(args[7]) : -1;
+  void* values = address(args[6]);
+  void* out = values ? address(args[7]) : NULL;
+  int transposed = out ? PyObject_IsTrue(args[8]) : -1;
   if (!out || transposed < 0) return NULL;
   int status;
   Py_BEGIN_ALLOW_THREADS
   Windows w;
   if (is_double) {
-    status = windows_f64(&w, n, state, temperature);
+    status = cached ? windows_cached_f64(&w, n, state) : windows_f64(&w, n, state, temperature);
     if (!status) {
       if (transposed) times_transposed_f64(&w, k, values, out); else times_f64(&w, k, values, out);
     }
   } else {
-    status = windows_f32(&w, n, state, temperature);
+    status = cached ? windows_cached_f32(&w, n, state) : windows_f32(&w, n, state, temperature);
     if (!status) {
       if (transposed) times_transposed_f32(&w, k, values, out); else times_f32(&w, k, values, out);
     }
@@ -513,9 +560,10 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
 
 PyDoc_STRVAR(window_recalibration_doc,
              "window_recalibration(channels, double, affines, eps, temperature, out)\n\n"
-             "Writes to address `out` the (8, C) rows of the window state of the (4, C) affine\n"
-             "rows at address `affines` (signatures with `eps`) and the effective affine\n"
-             "(I + S) [gamma_t, beta_t], in float64 when `double`, else float32.");
+             "Writes to address `out` the window state of the (4, C) affine rows at address\n"
+             "`affines` (signatures with `eps`) with its cache (16 rows in all in float32, 11 in\n"
+             "float64) and the effective affine (I + S) [gamma_t, beta_t] as two more rows, in\n"
+             "float64 when `double`, else float32.");
 
 static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
@@ -559,7 +607,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cpu(void) {
   PyObject* m = PyModule_Create(&module);
-  if (m && PyModule_AddIntConstant(m, "WINDOW_ROWS", WINDOW_ROWS)) {
+  if (m && (PyModule_AddIntConstant(m, "WINDOW_ROWS", WINDOW_ROWS) ||
+            PyModule_AddIntConstant(m, "CACHE_DOUBLES", CACHE_DOUBLES))) {
     Py_DECREF(m);
     return NULL;
   }
