@@ -285,15 +285,21 @@ static int windows_alloc(Windows* w, int64_t n) {
 
 #define WINDOWS_DEFINE(SUFFIX, T)                                                                  \
   SUMS_DEFINE(SUFFIX, T)                                                                           \
-  static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature) {        \
+  /* The work memory, and the order and window edges of the state as integers. */              \
+  static int windows_edges_##SUFFIX(Windows* w, int64_t n, const T* state) {                       \
     if (windows_alloc(w, n)) return -1;                                                            \
     for (int64_t i = 0; i < n; ++i) {                                                              \
       w->order[i] = (int64_t)state[ROW_ORDER * n + i];                                             \
       w->lo[i] = (int64_t)state[ROW_LO * n + i];                                                   \
       w->mid[i] = (int64_t)state[ROW_MID * n + i];                                                 \
       w->hi[i] = (int64_t)state[ROW_HI * n + i];                                                   \
-      w->st[i] = (double)state[ROW_TARGET * n + i] / temperature;                                  \
     }                                                                                              \
+    return 0;                                                                                      \
+  }                                                                                                \
+                                                                                                   \
+  static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature) {        \
+    if (windows_edges_##SUFFIX(w, n, state)) return -1;                                            \
+    for (int64_t i = 0; i < n; ++i) w->st[i] = (double)state[ROW_TARGET * n + i] / temperature;    \
     for (int64_t p = 0; p < n; ++p)                                                                \
       w->su[p] = (double)state[ROW_SOURCE * n + w->order[p]] / temperature;                        \
     w->step[0] = w->step[n] = 0.0;                                                                 \
@@ -336,13 +342,7 @@ static int windows_alloc(Windows* w, int64_t n) {
                                                                                                    \
   /* The same from a state that carries the cache (CACHE_DOUBLES): no exponential. */             \
   static int windows_cached_##SUFFIX(Windows* w, int64_t n, const T* state) {                      \
-    if (windows_alloc(w, n)) return -1;                                                            \
-    for (int64_t i = 0; i < n; ++i) {                                                              \
-      w->order[i] = (int64_t)state[ROW_ORDER * n + i];                                             \
-      w->lo[i] = (int64_t)state[ROW_LO * n + i];                                                   \
-      w->mid[i] = (int64_t)state[ROW_MID * n + i];                                                 \
-      w->hi[i] = (int64_t)state[ROW_HI * n + i];                                                   \
-    }                                                                                              \
+    if (windows_edges_##SUFFIX(w, n, state)) return -1;                                            \
     const double* cache = (const double*)(state + WINDOW_ROWS * n);                                \
     w->left_mid = cache; w->left_lo = cache + n; w->right_mid = cache + 2 * n;                     \
     w->right_hi = cache + 3 * n;                                                                   \
@@ -478,6 +478,16 @@ static int channels(PyObject* value, int64_t* n) {
   return 0;
 }
 
+/* The arguments every entry point starts with: channels, double, and an address. */
+static int leading_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t wanted,
+                        int64_t* n, int* is_double, void** first) {
+  if (check_args(name, nargs, wanted) || channels(args[0], n)) return -1;
+  *is_double = PyObject_IsTrue(args[1]);
+  if (*is_double < 0) return -1;
+  *first = address(args[2]);
+  return *first ? 0 : -1;
+}
+
 PyDoc_STRVAR(window_state_doc,
              "window_state(channels, double, signatures, state)\n\n"
              "Writes the (6, C) window state of the (2, C) signature rows [y_s, y_t] at address\n"
@@ -487,11 +497,11 @@ PyDoc_STRVAR(window_state_doc,
 static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
-  if (check_args("window_state", nargs, 4) || channels(args[0], &n)) return NULL;
-  int is_double = PyObject_IsTrue(args[1]);
-  void* sig = address(args[2]);
-  void* state = sig ? address(args[3]) : NULL;
-  if (is_double < 0 || !state) return NULL;
+  int is_double;
+  void* sig;
+  if (leading_args("window_state", args, nargs, 4, &n, &is_double, &sig)) return NULL;
+  void* state = address(args[3]);
+  if (!state) return NULL;
   int status;
   Py_BEGIN_ALLOW_THREADS
   status = is_double ? window_state_f64(n, sig, state) : window_state_f32(n, sig, state);
@@ -510,17 +520,16 @@ PyDoc_STRVAR(window_product_doc,
 static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
-  if (check_args("window_product", nargs, 9) || channels(args[0], &n)) return NULL;
-  int is_double = PyObject_IsTrue(args[1]);
-  void* state = address(args[2]);
-  if (is_double < 0 || !state) return NULL;
+  int is_double;
+  void* state;
+  if (leading_args("window_product", args, nargs, 9, &n, &is_double, &state)) return NULL;
   long long state_rows = PyLong_AsLongLong(args[3]);
   if (state_rows == -1 && PyErr_Occurred()) return NULL;
-  int cached = state_rows == WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float));
+  int64_t with_cache = WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float));
+  int cached = state_rows == with_cache;
   if (state_rows != WINDOW_ROWS && !cached) {
     PyErr_Format(PyExc_ValueError, "acnorm_fused._cpu: a window state has %d rows, or %d with its cache; got %lld",
-                 WINDOW_ROWS, (int)(WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float))),
-                 state_rows);
+                 WINDOW_ROWS, (int)with_cache, state_rows);
     return NULL;
   }
   double temperature = PyFloat_AsDouble(args[4]);
@@ -568,10 +577,9 @@ PyDoc_STRVAR(window_recalibration_doc,
 static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
-  if (check_args("window_recalibration", nargs, 6) || channels(args[0], &n)) return NULL;
-  int is_double = PyObject_IsTrue(args[1]);
-  void* affines = address(args[2]);
-  if (is_double < 0 || !affines) return NULL;
+  int is_double;
+  void* affines;
+  if (leading_args("window_recalibration", args, nargs, 6, &n, &is_double, &affines)) return NULL;
   double eps = PyFloat_AsDouble(args[3]);
   if (eps == -1.0 && PyErr_Occurred()) return NULL;
   double temperature = PyFloat_AsDouble(args[4]);
