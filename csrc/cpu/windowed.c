@@ -10,7 +10,7 @@
  *
  * Plain C and the CPython API only: no C++ runtime to carry, so the module
  * builds in seconds with zig's C compiler for glibc 2.28 (or the system cc)
- * and needs nothing but libc and libm. Buffers are passed as addresses of
+ * and needs nothing but libc. Buffers are passed as addresses of
  * contiguous CPU tensors that the Python side allocated and checked.
  *
  * Numerics. Every sum runs in double, with each row's exponentials taken
