@@ -175,16 +175,21 @@ WINDOWED_MIN_CHANNELS = 1024
 COMPILED_WINDOWED_MIN_CHANNELS = 32
 
 
+def _compiled_on(device: torch.device) -> bool:
+    """Whether the compiled windowed products run tensors on ``device``."""
+    return _compiled is not None and device.type == "cpu"
+
+
 def _compiled_for(t: Tensor) -> ModuleType | None:
     """The compiled windowed products when they take ``t`` (a state or its rows), else None."""
+    # _compiled_on's test inline: this runs twice per training step.
     return _compiled if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) else None
 
 
 def uses_windows(channels: int, device: torch.device) -> bool:
     """Whether a layer of ``channels`` channels with parameters on ``device``
     applies S by windows (:func:`recalibration_state`) rather than densely."""
-    compiled = _compiled is not None and device.type == "cpu"
-    return channels >= (COMPILED_WINDOWED_MIN_CHANNELS if compiled else WINDOWED_MIN_CHANNELS)
+    return channels >= (COMPILED_WINDOWED_MIN_CHANNELS if _compiled_on(device) else WINDOWED_MIN_CHANNELS)
 
 
 def compiled_windows_status() -> str:
@@ -307,7 +312,7 @@ def state_rows(channels: int, device: torch.device, dtype: torch.dtype) -> int:
     dense S, or a window state, with the compiled forward's cache on a CPU)."""
     if not uses_windows(channels, device):
         return channels
-    return _cached_state_rows(dtype) if _compiled is not None and device.type == "cpu" else WINDOW_ROWS
+    return _cached_state_rows(dtype) if _compiled_on(device) else WINDOW_ROWS
 
 
 def windowed_state(signature_rows: Tensor) -> Tensor:

@@ -116,8 +116,8 @@ def ninja_binary() -> str:
 
 @dataclass(frozen=True)
 class HostToolchain:
-    """The C++ compiler of the binding and the link, with the flags that
-    differ between compilers."""
+    """A host compiler (C++ for the GPU module's binding and link, C for the
+    CPU module), with the flags that differ between compilers."""
 
     cxx: str  # a command line, possibly with flags
     compile_flags: str
@@ -141,11 +141,17 @@ def system_toolchain() -> HostToolchain:
                          "the system C++ compiler, this machine's glibc")
 
 
+def _zig_target() -> tuple[str, str]:
+    """``(zig's -target option for glibc GLIBC_TARGET, that glibc as text)``."""
+    glibc = ".".join(map(str, GLIBC_TARGET))
+    return f"-target x86_64-linux-gnu.{glibc}", glibc
+
+
 def zig_toolchain(zig: str) -> HostToolchain:
     """zig's clang and libc++ (linked statically), against glibc GLIBC_TARGET."""
-    glibc = ".".join(map(str, GLIBC_TARGET))
+    target, glibc = _zig_target()
     return HostToolchain(
-        f"{zig} c++ -target x86_64-linux-gnu.{glibc}",
+        f"{zig} c++ {target}",
         # zig emits debug information unless told not to; the system build has none.
         "-g0",
         # Without -O the link is a zig debug build, which adds the UBSan runtime;
@@ -194,11 +200,11 @@ def c_toolchain() -> HostToolchain:
     zig = _target_zig("the CPU module")
     if zig is None:
         return HostToolchain(os.environ.get("CC", "cc"), "", "", "the system C compiler, this machine's glibc")
-    glibc = ".".join(map(str, GLIBC_TARGET))
+    target, glibc = _zig_target()
     # LLVM turns the window searches' conditional moves back into branches for
     # generic x86-64 (its cmov converter), which mispredict on every other step:
     # the window state took 1.0 ms instead of 0.26 ms at 4096 channels.
-    return HostToolchain(f"{zig} cc -target x86_64-linux-gnu.{glibc}", "-g0 -mllvm -x86-cmov-converter=false",
+    return HostToolchain(f"{zig} cc {target}", "-g0 -mllvm -x86-cmov-converter=false",
                          "-Wl,--strip-debug", f"zig cc, glibc {glibc}")
 
 

@@ -6,11 +6,13 @@ ACNORM_EXPECT_CPU_EXTENSION=1, so that its absence fails there."""
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import EXPECT_CPU_EXTENSION, import_csrc_toolkit, skip_or_fail
+from helpers import EXPECT_CPU_EXTENSION, ROOT, import_csrc_toolkit, skip_or_fail
 
 correlation = importlib.import_module("acnorm_fused.correlation")
 
@@ -95,13 +97,8 @@ def test_window_recalibration_refuses_bad_calls(compiled):
         compiled.window_recalibration(*good[:5])
 
 
-def test_unknown_cpu_build_mode_is_refused(monkeypatch):
+def test_unknown_cpu_build_mode_is_refused():
     """setup.py reads ACNORM_BUILD_CPU like ACNORM_BUILD_CUDA."""
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
     result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,
                             env={"ACNORM_BUILD_CPU": "yes", "PATH": "/usr/bin:/bin"})
     assert result.returncode != 0
