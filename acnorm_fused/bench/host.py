@@ -47,7 +47,7 @@ from ..backends.cuda import LAUNCHES
 from ..modules import ACNorm3d
 from .cases import COST_CASE, Case, make_input
 from .layer import make_layers, other_kernel_backends
-from .timing import graph_replay_ms, quiet_profiler, synchronize, training_step
+from .timing import graph_replay_ms, quiet_profiler, synchronize, time_interleaved, training_step
 
 # Functions listed from cProfile, by own time: enough to reach the op's own
 # thin layers (functional.py, ops.py), which each take little.
@@ -210,18 +210,21 @@ def step_costs(steps: Mapping[str, Callable[[], None]], rounds: int = 30, per_ro
                count_steps: int = 20) -> dict[str, StepCost]:
     """:class:`StepCost` of each step; the wall times are the median over
     ``rounds`` of the mean of ``per_round`` steps, the steps run in turn in
-    every round. Each step is run a few times first (plans, caches)."""
+    every round (by :func:`~acnorm_fused.bench.timing.time_interleaved`).
+    Each step is run a few times first (plans, caches)."""
     for step in steps.values():
         for _ in range(3):
             step()
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
+
+    def batch(step: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
             for _ in range(per_round):
                 step()
-            samples[name].append((time.perf_counter() - start) * 1e6 / per_round)
-    return {name: StepCost(*_per_step_counts(step, count_steps), statistics.median(samples[name]))
+        return run
+
+    samples = time_interleaved({name: batch(step) for name, step in steps.items()}, torch.device("cpu"),
+                               rounds, warmup=0)
+    return {name: StepCost(*_per_step_counts(step, count_steps), statistics.median(samples[name]) * 1e3 / per_round)
             for name, step in steps.items()}
 
 
