@@ -218,6 +218,7 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
     call of the compiled module for a wide layer on the CPU, whose state then
     carries what the backward's product would build again (see
     :func:`state_rows`)."""
+    _check_rows("recalibrated_state", "affines", affines, 4)
     channels = affines.shape[1]
     compiled = _compiled_for(affines)
     if compiled is not None and uses_windows(channels, affines.device):
@@ -228,6 +229,13 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
         return out
     state = recalibration_state(affines, eps, temperature)
     return torch.cat((state, recalibrate(state, affines[2:], temperature)))
+
+
+def _check_rows(caller: str, name: str, rows: Tensor, count: int) -> None:
+    """A ``(count, C)`` floating-point tensor, as the compiled products read it."""
+    if rows.dim() != 2 or rows.shape[0] != count or not rows.is_floating_point():
+        raise ValueError(f"{caller}: {name} must be a floating-point ({count}, C) tensor, got "
+                         f"{tuple(rows.shape)} {rows.dtype}")
 
 
 def _is_windowed(state: Tensor) -> bool:
@@ -321,6 +329,7 @@ def windowed_state(signature_rows: Tensor) -> Tensor:
     window ``[lo_i, hi_i)`` of sorted positions that S keeps (the kernels'
     rule ``|y_t[i] - y_s[j]| <= |y_t[i] - y_s[i]|``, ties kept) and ``mid_i``,
     the first sorted position with ``y_s >= y_t[i]``."""
+    _check_rows("windowed_state", "signature_rows", signature_rows, 2)
     compiled = _compiled_for(signature_rows)
     if compiled is not None:
         rows = signature_rows.contiguous()
@@ -384,6 +393,10 @@ def _windowed_product(state: Tensor, rows: Tensor, temperature: float, transpose
     """``(I + S) v`` (or ``(I + S)^T g`` when ``transposed``) for each row of ``rows``,
     S given by a :func:`windowed_state`, in ``state.dtype``: compiled where it
     is installed and takes the state, else by :class:`_Windows`."""
+    if rows.dim() != 2 or rows.shape[1] != state.shape[1] or rows.device != state.device:
+        raise ValueError(f"recalibrate/recalibrate_grad: rows must be (k, {state.shape[1]}) on {state.device} "
+                         "as the state is, "
+                         f"got {tuple(rows.shape)} on {rows.device}")
     compiled = _compiled_for(state)
     if compiled is not None:
         rows = rows.contiguous()

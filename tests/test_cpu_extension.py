@@ -83,6 +83,34 @@ def test_window_product_refuses_bad_calls(compiled):
         compiled.window_product(*good[:-1])
 
 
+@pytest.mark.parametrize("row,value", [(2, 8.0), (2, -1.0), (3, float("nan")), (4, 9.0), (5, 8.5)])
+def test_a_state_with_positions_out_of_range_is_refused(compiled, row, value):
+    """Sort order and window edges are checked before they index anything."""
+    state = correlation.windowed_state(torch.randn(2, 8))
+    state[row, 3] = value
+    rows = torch.randn(2, 8)
+    for transposed in (False, True):
+        with pytest.raises(ValueError, match=r"not a window state \(its sort order or window edges are out of range\)"):
+            compiled.window_product(8, False, state.data_ptr(), correlation.WINDOW_ROWS, 1.0, 2, rows.data_ptr(),
+                                    rows.data_ptr(), transposed)
+
+
+def test_the_windowed_functions_refuse_wrong_shapes():
+    """Before any compiled code reads them, on either implementation."""
+    with pytest.raises(ValueError, match=r"recalibrated_state: affines must be a floating-point \(4, C\) tensor, "
+                                         r"got \(3, 64\) torch.float32"):
+        correlation.recalibrated_state(torch.ones(3, 64))
+    with pytest.raises(ValueError, match=r"windowed_state: signature_rows must be a floating-point \(2, C\) tensor"):
+        correlation.windowed_state(torch.ones(64))
+    with pytest.raises(ValueError, match=r"windowed_state: signature_rows .* got \(2, 64\) torch.int64"):
+        correlation.windowed_state(torch.ones(2, 64, dtype=torch.long))
+    state = correlation.windowed_state(torch.randn(2, 64))
+    with pytest.raises(ValueError, match=r"recalibrate/recalibrate_grad: rows must be \(k, 64\) on cpu"):
+        correlation.recalibrate(state, torch.ones(2, 63))
+    with pytest.raises(ValueError, match=r"rows must be \(k, 64\)"):
+        correlation.recalibrate_grad(state, torch.ones(64))
+
+
 def test_window_recalibration_refuses_bad_calls(compiled):
     affines, out = torch.ones(4, 8), torch.empty(correlation._cached_state_rows(torch.float32) + 2, 8)
     good = [8, False, affines.data_ptr(), 1e-5, 1.0, out.data_ptr()]

@@ -214,6 +214,9 @@ static void exp_in_place(double* x, int64_t n) {
   }
 }
 
+/* What windows_ and windows_cached_ return for a state whose positions are out of range. */
+enum { NOT_A_STATE = -2 };
+
 /* What every product needs of the state, in double and sorted order. */
 typedef struct {
   int64_t n;
@@ -285,20 +288,28 @@ static int windows_alloc(Windows* w, int64_t n) {
 
 #define WINDOWS_DEFINE(SUFFIX, T)                                                                  \
   SUMS_DEFINE(SUFFIX, T)                                                                           \
-  /* The work memory, and the order and window edges of the state as integers. */              \
+  /* The work memory, and the order and window edges of the state as integers:                   \
+   * -1 without memory, NOT_A_STATE when a position is out of range (every later                   \
+   * index is one of these, so a state of other origin cannot make the products                     \
+   * read or write outside their rows). */                                                          \
   static int windows_edges_##SUFFIX(Windows* w, int64_t n, const T* state) {                       \
     if (windows_alloc(w, n)) return -1;                                                            \
     for (int64_t i = 0; i < n; ++i) {                                                              \
-      w->order[i] = (int64_t)state[ROW_ORDER * n + i];                                             \
-      w->lo[i] = (int64_t)state[ROW_LO * n + i];                                                   \
-      w->mid[i] = (int64_t)state[ROW_MID * n + i];                                                 \
-      w->hi[i] = (int64_t)state[ROW_HI * n + i];                                                   \
+      T order = state[ROW_ORDER * n + i], lo = state[ROW_LO * n + i];                              \
+      T mid = state[ROW_MID * n + i], hi = state[ROW_HI * n + i];                                  \
+      if (!(order >= 0 && order < (T)n && lo >= 0 && lo <= mid && mid <= hi && hi <= (T)n))       \
+        return NOT_A_STATE;                                                                        \
+      w->order[i] = (int64_t)order;                                                                \
+      w->lo[i] = (int64_t)lo;                                                                      \
+      w->mid[i] = (int64_t)mid;                                                                    \
+      w->hi[i] = (int64_t)hi;                                                                      \
     }                                                                                              \
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
   static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature) {        \
-    if (windows_edges_##SUFFIX(w, n, state)) return -1;                                            \
+    int edges = windows_edges_##SUFFIX(w, n, state);                                               \
+    if (edges) return edges;                                                                       \
     for (int64_t i = 0; i < n; ++i) w->st[i] = (double)state[ROW_TARGET * n + i] / temperature;    \
     for (int64_t p = 0; p < n; ++p)                                                                \
       w->su[p] = (double)state[ROW_SOURCE * n + w->order[p]] / temperature;                        \
@@ -342,7 +353,8 @@ static int windows_alloc(Windows* w, int64_t n) {
                                                                                                    \
   /* The same from a state that carries the cache (CACHE_DOUBLES): no exponential. */             \
   static int windows_cached_##SUFFIX(Windows* w, int64_t n, const T* state) {                      \
-    if (windows_edges_##SUFFIX(w, n, state)) return -1;                                            \
+    int edges = windows_edges_##SUFFIX(w, n, state);                                               \
+    if (edges) return edges;                                                                       \
     const double* cache = (const double*)(state + WINDOW_ROWS * n);                                \
     w->left_mid = cache; w->left_lo = cache + n; w->right_mid = cache + 2 * n;                     \
     w->right_hi = cache + 3 * n;                                                                   \
@@ -563,6 +575,11 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
     }
   }
   Py_END_ALLOW_THREADS
+  if (status == NOT_A_STATE) {
+    PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: not a window state (its sort order or window edges "
+                                      "are out of range)");
+    return NULL;
+  }
   if (status) return PyErr_NoMemory();
   Py_RETURN_NONE;
 }
