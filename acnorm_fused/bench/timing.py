@@ -85,26 +85,50 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def balanced_order(count: int) -> list[int]:
+    """A cyclic order of ``count`` steps in which every step comes right after
+    each of the others exactly once: ``count * (count - 1)`` positions, an
+    Euler circuit of the complete directed graph on the steps (``[0]`` for
+    one step). A plain rotation of three steps is not balanced: the second
+    follows the first in two rounds of three."""
+    if count < 1:
+        raise ValueError(f"balanced_order: count must be >= 1, got {count}")
+    if count == 1:
+        return [0]
+    unused = {step: [other for other in range(count) if other != step] for step in range(count)}
+    path, circuit = [0], []
+    while path:  # Hierholzer's algorithm: every step has as many ways in as out
+        step = path[-1]
+        if unused[step]:
+            path.append(unused[step].pop())
+        else:
+            circuit.append(path.pop())
+    circuit.reverse()
+    return circuit[:-1]  # the circuit closes on its first step
+
+
 def time_interleaved(
     steps: Mapping[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Wall times in ms of each step, the steps run in turn ``repeats`` times.
+    """Wall times in ms of each step, the steps run in turn at least ``repeats``
+    times each (whole cycles of :func:`balanced_order`).
 
-    Each round starts one step further along, so that every step follows each
-    of the others equally often: a step right after a heavy one (the reference
-    layer's C x C temporaries) starts with cold caches, and with a fixed order
-    that cost would fall on the same step every round (it moved a (2, 1024, 4,
-    4, 4) BatchNorm step from 0.42 to 0.58 ms on a 2-vCPU machine).
+    Every step follows each of the others equally often: a step right after a
+    heavy one (the reference layer's C x C temporaries) starts with cold
+    caches, and with a fixed order that cost would fall on the same step every
+    round (it moved a (2, 1024, 4, 4, 4) BatchNorm step from 0.42 to 0.58 ms
+    on a 2-vCPU machine).
     """
     for _ in range(warmup):
         for step in steps.values():
             step()
     synchronize(device)
-    samples: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
-    for round_index in range(repeats):
-        first = round_index % len(names)
-        for name in names[first:] + names[:first]:
+    order = [names[k] for k in balanced_order(len(names))]
+    per_cycle = max(len(names) - 1, 1)
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(-(-repeats // per_cycle)):
+        for name in order:
             step = steps[name]
             synchronize(device)
             start = time.perf_counter()
