@@ -48,6 +48,8 @@ __all__ = [
     "uses_windows",
     "state_rows",
     "windowed_state",
+    "CompiledWindows",
+    "compiled_windows",
     "compiled_windows_status",
     "effective_affine",
 ]
@@ -219,14 +221,9 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
     carries what the backward's product would build again (see
     :func:`state_rows`)."""
     _check_rows("recalibrated_state", "affines", affines, 4)
-    channels = affines.shape[1]
-    compiled = _compiled_for(affines)
-    if compiled is not None and uses_windows(channels, affines.device):
-        rows = affines.contiguous()
-        out = rows.new_empty((_cached_state_rows(rows.dtype) + 2, channels))
-        compiled.window_recalibration(channels, rows.dtype == torch.float64, rows.data_ptr(), eps, temperature,
-                                      out.data_ptr())
-        return out
+    windows = compiled_windows(affines)
+    if windows is not None:
+        return windows.recalibrated(affines.contiguous(), eps, temperature)
     state = recalibration_state(affines, eps, temperature)
     return torch.cat((state, recalibrate(state, affines[2:], temperature)))
 
@@ -321,6 +318,43 @@ def state_rows(channels: int, device: torch.device, dtype: torch.dtype) -> int:
     if not uses_windows(channels, device):
         return channels
     return _cached_state_rows(dtype) if _compiled_on(device) else WINDOW_ROWS
+
+
+class CompiledWindows:
+    """The compiled windowed C x C step (``csrc/cpu/windowed.c``) for one width
+    and dtype on the CPU, as :func:`recalibrated_state` and
+    :func:`recalibrate_grad` run it for a wide layer: what those decide and
+    check per call is decided once, for a caller that runs many steps of the
+    same layer (the torch backend's launch plans)."""
+
+    def __init__(self, channels: int, dtype: torch.dtype):
+        self.channels = channels
+        self.dtype = dtype
+        self.double = dtype == torch.float64
+        self.state_rows = _cached_state_rows(dtype)
+
+    def recalibrated(self, affines: Tensor, eps: float, temperature: float) -> Tensor:
+        """:func:`recalibrated_state` of contiguous ``(4, C)`` affine rows in this dtype."""
+        out = affines.new_empty((self.state_rows + 2, self.channels))
+        _compiled.window_recalibration(self.channels, self.double, affines.data_ptr(), eps, temperature,
+                                       out.data_ptr())
+        return out
+
+    def grad_in_place(self, aux: Tensor, grad_rows: Tensor, temperature: float) -> Tensor:
+        """``grad_rows``, contiguous ``(k, C)`` in this dtype, overwritten with
+        :func:`recalibrate_grad` of the state in ``aux`` (what :meth:`recalibrated` gave)."""
+        _compiled.window_product(self.channels, self.double, aux.data_ptr(), self.state_rows, temperature,
+                                 grad_rows.shape[0], grad_rows.data_ptr(), grad_rows.data_ptr(), True)
+        return grad_rows
+
+
+def compiled_windows(affines: Tensor) -> CompiledWindows | None:
+    """The :class:`CompiledWindows` for a layer whose affine rows (or any one of
+    them) are ``affines``, in the compute dtype, when its C x C step runs
+    compiled; else None."""
+    if _compiled_for(affines) is None or not uses_windows(affines.shape[-1], affines.device):
+        return None
+    return CompiledWindows(affines.shape[-1], affines.dtype)
 
 
 def windowed_state(signature_rows: Tensor) -> Tensor:

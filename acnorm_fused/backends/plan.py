@@ -303,31 +303,33 @@ class _TritonLaunches:
 
 class _TorchSteps:
     """A plan's passes as the torch backend's forward and backward
-    (:mod:`acnorm_fused.backends.pytorch`), the arithmetic of the general path
-    itself: what the plan skips is the checks and the custom op's layers."""
+    (:class:`acnorm_fused.backends.pytorch.PreparedStep`), the arithmetic of the
+    general path itself: what the plan skips is the checks, the custom op's
+    layers and the copies of the running statistics (moved in place, after
+    the finite check)."""
 
     def __init__(self, plan: LaunchPlan, x: Tensor):
-        from . import pytorch
+        from .pytorch import PreparedStep
 
-        self.backend = pytorch
         self.plan = plan
-        self.config = StepConfig(plan.batch_stats, plan.momentum, plan.eps, plan.temperature, plan.activation,
-                                 plan.negative_slope)
+        config = StepConfig(plan.batch_stats, plan.momentum, plan.eps, plan.temperature, plan.activation,
+                            plan.negative_slope)
+        weight = torch.empty(plan.geo.c, dtype=_F32, device=x.device)  # the plan's parameters are fp32
+        self.step = PreparedStep(x, weight, config, update_in_place=plan.update_running)
 
     def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         w, b, wt, bt, rm, rv = tensors
         affines = stack_affines(w, b, wt, bt)
         check_finite_affines(self.plan.caller, affines)  # before anything of the layer's moves
-        out, mean, invstd, new_mean, new_var, aux = self.backend.forward(x, affines, rm, rv, self.config)
-        if self.plan.update_running:
-            assert rm is not None and rv is not None  # the plan was built with them
-            torch._foreach_copy_([rm, rv], [new_mean, new_var])
+        if self.plan.batch_stats and not self.plan.update_running:
+            rm = rv = None  # statistics of the batch, and nothing to move
+        out, mean, invstd, _, _, aux = self.step.forward(x, affines, rm, rv)
         return out, (mean, invstd, aux)
 
     def backward(self, grad_out: Tensor, x: Tensor, saved: tuple[Tensor, Tensor, Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
-        grad_x, grad_target = self.backend.backward(grad_out, x, *saved, self.config)
-        return grad_x, grad_target[0], grad_target[1]
+        grad_x, grad_target = self.step.backward(grad_out, x, *saved)
+        return grad_x, *grad_target.unbind()
 
 
 class _Passes(Protocol):

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..correlation import (
     as_dtype,
+    compiled_windows,
     compute_dtype,
     recalibrate_grad,
     recalibrated_state,
@@ -120,20 +121,16 @@ def _train_forward_own_reductions(
     return out, mean, var, invstd
 
 
-def _effective_affine(affines: Tensor, eps: float, temperature: float, dtype: torch.dtype):
-    """``(aux, W, B)``: S (or, for wide layers, the window state it is applied from)
-    with the effective affine as two more rows, and W, B in ``dtype``."""
-    aux = recalibrated_state(affines, eps, temperature)
-    return aux, as_dtype(aux[-2], dtype), as_dtype(aux[-1], dtype)
-
-
 def _moved_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         count: float, momentum: float) -> tuple[Tensor, Tensor]:
-    """Running statistics after one update with the batch's mean and biased variance."""
+                         count: float, momentum: float, in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Running statistics after one update with the batch's mean and biased variance
+    (``in_place``: the given tensors, moved; their dtype is the statistics')."""
+    unbiased = var * (count / (count - 1))
+    if in_place:
+        return running_mean.lerp_(mean, momentum), running_var.lerp_(unbiased, momentum)
     dtype = mean.dtype
-    new_mean = torch.lerp(as_dtype(running_mean, dtype), mean, momentum)
-    new_var = torch.lerp(as_dtype(running_var, dtype), var * (count / (count - 1)), momentum)
-    return new_mean, new_var
+    return (torch.lerp(as_dtype(running_mean, dtype), mean, momentum),
+            torch.lerp(as_dtype(running_var, dtype), unbiased, momentum))
 
 
 def _normalise_with(x: Tensor, w: Tensor, b: Tensor, mean: Tensor, var: Tensor,
@@ -151,6 +148,93 @@ def aux_like(weight: Tensor) -> Tensor:
     return weight.new_empty((state_rows(channels, weight.device, dtype) + 2, channels), dtype=dtype)
 
 
+class PreparedStep:
+    """This backend's forward and backward for one input signature, parameter
+    dtype and set of settings, with every choice that depends on those alone
+    (dtypes, the statistics pass, the compiled windows of a wide layer) made
+    once. :func:`forward` and :func:`backward` build one per call; a launch
+    plan (:mod:`acnorm_fused.backends.plan`) keeps one for its layer.
+
+    ``param`` is any tensor of the affine parameters (or their stacked rows):
+    its dtype, device and last dimension (C) are what count. With
+    ``update_in_place`` the forward moves the running statistics in place
+    (when their dtype is the BatchNorm's) and returns them as the new ones;
+    otherwise it never modifies them.
+    """
+
+    def __init__(self, x: Tensor, param: Tensor, config: StepConfig, *, update_in_place: bool = False):
+        self.config = config
+        self.bn_dtype = compute_dtype(x.dtype)
+        self.windows = compiled_windows(param)
+        self.own_reductions = config.use_batch_stats and _uses_own_reductions(x)
+        self.update_in_place = update_in_place
+
+    def effective_affine(self, affines: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(aux, W, B)``: S (or, for wide layers, the window state it is applied from)
+        with the effective affine as two more rows, and W, B in the BatchNorm's dtype."""
+        config = self.config
+        if self.windows is not None:
+            aux = self.windows.recalibrated(affines.contiguous(), config.eps, config.temperature)
+        else:
+            aux = recalibrated_state(affines, config.eps, config.temperature)
+        return aux, as_dtype(aux[-2], self.bn_dtype), as_dtype(aux[-1], self.bn_dtype)
+
+    def forward(self, x: Tensor, affines: Tensor, running_mean: Tensor | None, running_var: Tensor | None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """See :func:`forward`."""
+        config, bn_dtype = self.config, self.bn_dtype
+        momentum, eps = config.momentum, config.eps
+        aux, w, b = self.effective_affine(affines)
+        new_mean = new_var = None
+        in_place = self.update_in_place and running_mean is not None and running_mean.dtype == bn_dtype
+        if self.own_reductions:
+            out, mean, var, invstd = _train_forward_own_reductions(x, w, b, eps)
+            if running_mean is not None:
+                assert running_var is not None  # given together with running_mean (checked)
+                new_mean, new_var = _moved_running_stats(
+                    running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum, in_place)
+        elif config.use_batch_stats:
+            if in_place:
+                new_mean, new_var = running_mean, running_var
+            elif running_mean is not None:
+                assert running_var is not None  # given together with running_mean (checked)
+                new_mean = running_mean.to(bn_dtype, copy=True)
+                new_var = running_var.to(bn_dtype, copy=True)
+            out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
+        else:
+            assert running_mean is not None and running_var is not None  # required without batch statistics
+            mean = running_mean.to(bn_dtype, copy=True)
+            out, invstd = _normalise_with(x, w, b, mean, as_dtype(running_var, bn_dtype), eps)
+        if new_mean is None:
+            new_mean = x.new_empty((0,), dtype=bn_dtype)
+            new_var = x.new_empty((0,), dtype=bn_dtype)
+        assert new_var is not None  # set with new_mean
+        if config.activation:
+            out = apply_activation(out, config.activation, config.negative_slope, inplace=True)
+        return out, mean, invstd, new_mean, new_var, aux
+
+    def backward(self, grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor
+                 ) -> tuple[Tensor, Tensor]:
+        """See :func:`backward`."""
+        config = self.config
+        w = as_dtype(aux[-2], self.bn_dtype)
+        if config.activation:
+            grad_out = _through_activation(grad_out, x, mean, invstd, aux, config.activation, config.negative_slope)
+        if config.use_batch_stats:
+            grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, w, None, None, mean, invstd, True, config.eps, [True, True, True]
+            )
+        else:
+            sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
+            grad_w, grad_b = sum_dy_xmu * invstd, sum_dy
+            grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
+        grad_affine = torch.stack((grad_w, grad_b))
+        windows = self.windows
+        if windows is not None and aux.shape[0] == windows.state_rows + 2:
+            return grad_x, windows.grad_in_place(aux, as_dtype(grad_affine, windows.dtype), config.temperature)
+        return grad_x, recalibrate_grad(aux[:-2], grad_affine, config.temperature)
+
+
 def forward(
     x: Tensor,
     affines: Tensor,
@@ -165,32 +249,7 @@ def forward(
     are returned (empty tensors when there are none or when
     ``config.use_batch_stats`` is false).
     """
-    use_batch_stats, momentum, eps = config.use_batch_stats, config.momentum, config.eps
-    bn_dtype = compute_dtype(x.dtype)
-    aux, w, b = _effective_affine(affines, eps, config.temperature, bn_dtype)
-    new_mean = new_var = None
-    if use_batch_stats and _uses_own_reductions(x):
-        out, mean, var, invstd = _train_forward_own_reductions(x, w, b, eps)
-        if running_mean is not None:
-            assert running_var is not None  # given together with running_mean (checked)
-            new_mean, new_var = _moved_running_stats(
-                running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
-    elif use_batch_stats:
-        if running_mean is not None:
-            assert running_var is not None  # given together with running_mean (checked)
-            new_mean = running_mean.to(bn_dtype, copy=True)
-            new_var = running_var.to(bn_dtype, copy=True)
-        out, mean, invstd = torch.native_batch_norm(x, w, b, new_mean, new_var, True, momentum, eps)
-    else:
-        assert running_mean is not None and running_var is not None  # required without batch statistics
-        mean = running_mean.to(bn_dtype, copy=True)
-        out, invstd = _normalise_with(x, w, b, mean, as_dtype(running_var, bn_dtype), eps)
-    if new_mean is None:
-        new_mean = x.new_empty((0,), dtype=bn_dtype)
-        new_var = x.new_empty((0,), dtype=bn_dtype)
-    assert new_var is not None  # set with new_mean
-    out = apply_activation(out, config.activation, config.negative_slope, inplace=True)
-    return out, mean, invstd, new_mean, new_var, aux
+    return PreparedStep(x, affines, config).forward(x, affines, running_mean, running_var)
 
 
 def backward(
@@ -204,18 +263,7 @@ def backward(
     """Returns ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of the
     gradients of ``weight_target`` and ``bias_target``; ``aux`` holds all this
     backend needs of the affine parameters."""
-    s = aux[:-2]
-    w = as_dtype(aux[-2], compute_dtype(x.dtype))
-    grad_out = _through_activation(grad_out, x, mean, invstd, aux, config.activation, config.negative_slope)
-    if config.use_batch_stats:
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, w, None, None, mean, invstd, True, config.eps, [True, True, True]
-        )
-    else:
-        sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
-        grad_w, grad_b = sum_dy_xmu * invstd, sum_dy
-        grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
-    return grad_x, recalibrate_grad(s, torch.stack((grad_w, grad_b)), config.temperature)
+    return PreparedStep(x, aux, config).backward(grad_out, x, mean, invstd, aux)
 
 
 def _through_activation(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,
@@ -281,7 +329,7 @@ def forward_with_statistics(
     ``centre + mean_rel``, biased ``var`` over ``count`` values); returns as
     :func:`forward`, the running statistics moved when given."""
     bn_dtype = compute_dtype(x.dtype)
-    aux, w, b = _effective_affine(affines, config.eps, config.temperature, bn_dtype)
+    aux, w, b = PreparedStep(x, affines, config).effective_affine(affines)
     mean = as_dtype(centre, bn_dtype) + as_dtype(mean_rel, bn_dtype)
     var = as_dtype(var, bn_dtype)
     out, invstd = _normalise_with(x, w, b, mean, var, config.eps)

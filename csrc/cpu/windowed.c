@@ -525,9 +525,10 @@ static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize
 PyDoc_STRVAR(window_product_doc,
              "window_product(channels, double, state, state_rows, temperature, rows, values, out, transposed)\n\n"
              "Writes (I + S) v, or (I + S)^T g when `transposed`, for each of the `rows` rows of\n"
-             "the (rows, C) tensor at address `values` to the one at `out`, S given by the window\n"
-             "state at address `state` (`state_rows` rows: 6, or with its cache from\n"
-             "window_recalibration); every tensor float64 when `double`, else float32.");
+             "the (rows, C) tensor at address `values` to the one at `out` (which may be `values`:\n"
+             "each row is read before it is written), S given by the window state at address\n"
+             "`state` (`state_rows` rows: 6, or with its cache from window_recalibration); every\n"
+             "tensor float64 when `double`, else float32.");
 
 static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
