@@ -327,7 +327,8 @@ class CompiledWindows:
     check per call is decided once, for a caller that runs many steps of the
     same layer (the torch backend's launch plans)."""
 
-    def __init__(self, channels: int, dtype: torch.dtype):
+    def __init__(self, module: ModuleType, channels: int, dtype: torch.dtype):
+        self.module = module
         self.channels = channels
         self.dtype = dtype
         self.double = dtype == torch.float64
@@ -336,15 +337,15 @@ class CompiledWindows:
     def recalibrated(self, affines: Tensor, eps: float, temperature: float) -> Tensor:
         """:func:`recalibrated_state` of contiguous ``(4, C)`` affine rows in this dtype."""
         out = affines.new_empty((self.state_rows + 2, self.channels))
-        _compiled.window_recalibration(self.channels, self.double, affines.data_ptr(), eps, temperature,
-                                       out.data_ptr())
+        self.module.window_recalibration(self.channels, self.double, affines.data_ptr(), eps, temperature,
+                                         out.data_ptr())
         return out
 
     def grad_in_place(self, aux: Tensor, grad_rows: Tensor, temperature: float) -> Tensor:
         """``grad_rows``, contiguous ``(k, C)`` in this dtype, overwritten with
         :func:`recalibrate_grad` of the state in ``aux`` (what :meth:`recalibrated` gave)."""
-        _compiled.window_product(self.channels, self.double, aux.data_ptr(), self.state_rows, temperature,
-                                 grad_rows.shape[0], grad_rows.data_ptr(), grad_rows.data_ptr(), True)
+        self.module.window_product(self.channels, self.double, aux.data_ptr(), self.state_rows, temperature,
+                                   grad_rows.shape[0], grad_rows.data_ptr(), grad_rows.data_ptr(), True)
         return grad_rows
 
 
@@ -352,9 +353,10 @@ def compiled_windows(affines: Tensor) -> CompiledWindows | None:
     """The :class:`CompiledWindows` for a layer whose affine rows (or any one of
     them) are ``affines``, in the compute dtype, when its C x C step runs
     compiled; else None."""
-    if _compiled_for(affines) is None or not uses_windows(affines.shape[-1], affines.device):
+    module = _compiled_for(affines)
+    if module is None or not uses_windows(affines.shape[-1], affines.device):
         return None
-    return CompiledWindows(affines.shape[-1], affines.dtype)
+    return CompiledWindows(module, affines.shape[-1], affines.dtype)
 
 
 def windowed_state(signature_rows: Tensor) -> Tensor:

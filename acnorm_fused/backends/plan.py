@@ -329,7 +329,8 @@ class _TorchSteps:
     def backward(self, grad_out: Tensor, x: Tensor, saved: tuple[Tensor, Tensor, Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
         grad_x, grad_target = self.step.backward(grad_out, x, *saved)
-        return grad_x, *grad_target.unbind()
+        grad_w, grad_b = grad_target.unbind()
+        return grad_x, grad_w, grad_b
 
 
 class _Passes(Protocol):
