@@ -21,6 +21,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from ._checks import AFFINE_NAMES, non_finite_error
+
 # The windowed products compiled (csrc/cpu/windowed.c); the PyTorch ones below stand in without it.
 _compiled: ModuleType | None = None
 _COMPILED_ERROR = ""
@@ -223,7 +225,7 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
     _check_rows("recalibrated_state", "affines", affines, 4)
     windows = compiled_windows(affines)
     if windows is not None:
-        return windows.recalibrated(affines.contiguous(), eps, temperature)
+        return windows.recalibrated(affines.contiguous(), eps, temperature, "recalibrated_state")
     state = recalibration_state(affines, eps, temperature)
     return torch.cat((state, recalibrate(state, affines[2:], temperature)))
 
@@ -325,7 +327,9 @@ class CompiledWindows:
     and dtype on the CPU, as :func:`recalibrated_state` and
     :func:`recalibrate_grad` run it for a wide layer: what those decide and
     check per call is decided once, for a caller that runs many steps of the
-    same layer (the torch backend's launch plans)."""
+    same layer (the torch backend's launch plans). Rows are given as one
+    contiguous ``(k, C)`` tensor or as a tuple of k contiguous ``(C,)`` rows,
+    all in this dtype: the separate rows need no stacking."""
 
     def __init__(self, module: ModuleType, channels: int, dtype: torch.dtype):
         self.module = module
@@ -334,19 +338,30 @@ class CompiledWindows:
         self.double = dtype == torch.float64
         self.state_rows = _cached_state_rows(dtype)
 
-    def recalibrated(self, affines: Tensor, eps: float, temperature: float) -> Tensor:
-        """:func:`recalibrated_state` of contiguous ``(4, C)`` affine rows in this dtype."""
-        out = affines.new_empty((self.state_rows + 2, self.channels))
-        self.module.window_recalibration(self.channels, self.double, affines.data_ptr(), eps, temperature,
-                                         out.data_ptr())
+    def recalibrated(self, affines: Tensor | tuple[Tensor, ...], eps: float, temperature: float,
+                     caller: str) -> Tensor:
+        """:func:`recalibrated_state` of the four affine rows. They are checked for
+        NaN and infinity first, by the compiled call: a ValueError naming
+        ``caller`` and the parameters, before anything is written."""
+        out = torch.empty((self.state_rows + 2, self.channels), dtype=self.dtype)
+        non_finite = self.module.window_recalibration(self.channels, self.double, _addresses(affines), eps,
+                                                      temperature, out.data_ptr())
+        if non_finite:
+            raise non_finite_error(caller, [name for row, name in enumerate(AFFINE_NAMES) if non_finite >> row & 1])
         return out
 
-    def grad_in_place(self, aux: Tensor, grad_rows: Tensor, temperature: float) -> Tensor:
-        """``grad_rows``, contiguous ``(k, C)`` in this dtype, overwritten with
-        :func:`recalibrate_grad` of the state in ``aux`` (what :meth:`recalibrated` gave)."""
+    def grad_in_place(self, aux: Tensor, grad_rows: Tensor | tuple[Tensor, ...], temperature: float) -> None:
+        """Overwrite ``grad_rows`` with :func:`recalibrate_grad` of the state in
+        ``aux`` (what :meth:`recalibrated` gave)."""
+        addresses = _addresses(grad_rows)
+        count = grad_rows.shape[0] if isinstance(grad_rows, Tensor) else len(grad_rows)
         self.module.window_product(self.channels, self.double, aux.data_ptr(), self.state_rows, temperature,
-                                   grad_rows.shape[0], grad_rows.data_ptr(), grad_rows.data_ptr(), True)
-        return grad_rows
+                                   count, addresses, addresses, True)
+
+
+def _addresses(rows: Tensor | tuple[Tensor, ...]) -> int | tuple[int, ...]:
+    """What the compiled module takes for rows: one address, or one per row."""
+    return rows.data_ptr() if isinstance(rows, Tensor) else tuple([row.data_ptr() for row in rows])
 
 
 def compiled_windows(affines: Tensor) -> CompiledWindows | None:

@@ -315,12 +315,17 @@ class _TorchSteps:
         config = StepConfig(plan.batch_stats, plan.momentum, plan.eps, plan.temperature, plan.activation,
                             plan.negative_slope)
         weight = torch.empty(plan.geo.c, dtype=_F32, device=x.device)  # the plan's parameters are fp32
-        self.step = PreparedStep(x, weight, config, update_in_place=plan.update_running)
+        self.step = PreparedStep(x, weight, config, update_in_place=plan.update_running, caller=plan.caller)
 
     def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         w, b, wt, bt, rm, rv = tensors
-        affines = stack_affines(w, b, wt, bt)
-        check_finite_affines(self.plan.caller, affines)  # before anything of the layer's moves
+        affines: Tensor | tuple[Tensor, ...]
+        # Checked for NaN and infinity before anything of the layer's moves: by the compiled call, or here.
+        if self.step.windows is not None:
+            affines = (w, b, wt, bt)
+        else:
+            affines = stack_affines(w, b, wt, bt)
+            check_finite_affines(self.plan.caller, affines)
         if self.plan.batch_stats and not self.plan.update_running:
             rm = rv = None  # statistics of the batch, and nothing to move
         out, mean, invstd, _, _, aux = self.step.forward(x, affines, rm, rv)
@@ -328,9 +333,7 @@ class _TorchSteps:
 
     def backward(self, grad_out: Tensor, x: Tensor, saved: tuple[Tensor, Tensor, Tensor]
                  ) -> tuple[Tensor, Tensor, Tensor]:
-        grad_x, grad_target = self.step.backward(grad_out, x, *saved)
-        grad_w, grad_b = grad_target.unbind()
-        return grad_x, grad_w, grad_b
+        return self.step.backward(grad_out, x, *saved)
 
 
 class _Passes(Protocol):

@@ -159,28 +159,35 @@ class PreparedStep:
     its dtype, device and last dimension (C) are what count. With
     ``update_in_place`` the forward moves the running statistics in place
     (when their dtype is the BatchNorm's) and returns them as the new ones;
-    otherwise it never modifies them.
+    otherwise it never modifies them. Where the compiled windows run
+    (:attr:`windows`), the affines may be given as a tuple of their four rows,
+    which the compiled call checks for NaN and infinity before anything
+    else: a ValueError naming ``caller``.
     """
 
-    def __init__(self, x: Tensor, param: Tensor, config: StepConfig, *, update_in_place: bool = False):
+    def __init__(self, x: Tensor, param: Tensor, config: StepConfig, *, update_in_place: bool = False,
+                 caller: str = "the torch backend"):
         self.config = config
+        self.caller = caller
         self.bn_dtype = compute_dtype(x.dtype)
         self.windows = compiled_windows(param)
         self.own_reductions = config.use_batch_stats and _uses_own_reductions(x)
         self.update_in_place = update_in_place
 
-    def effective_affine(self, affines: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def effective_affine(self, affines: Tensor | tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor]:
         """``(aux, W, B)``: S (or, for wide layers, the window state it is applied from)
         with the effective affine as two more rows, and W, B in the BatchNorm's dtype."""
         config = self.config
         if self.windows is not None:
-            aux = self.windows.recalibrated(affines.contiguous(), config.eps, config.temperature)
+            rows = affines if isinstance(affines, tuple) else affines.contiguous()
+            aux = self.windows.recalibrated(rows, config.eps, config.temperature, self.caller)
         else:
+            assert isinstance(affines, Tensor)  # rows apart only for the compiled windows
             aux = recalibrated_state(affines, config.eps, config.temperature)
         return aux, as_dtype(aux[-2], self.bn_dtype), as_dtype(aux[-1], self.bn_dtype)
 
-    def forward(self, x: Tensor, affines: Tensor, running_mean: Tensor | None, running_var: Tensor | None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, x: Tensor, affines: Tensor | tuple[Tensor, ...], running_mean: Tensor | None,
+                running_var: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """See :func:`forward`."""
         config, bn_dtype = self.config, self.bn_dtype
         momentum, eps = config.momentum, config.eps
@@ -214,8 +221,8 @@ class PreparedStep:
         return out, mean, invstd, new_mean, new_var, aux
 
     def backward(self, grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor
-                 ) -> tuple[Tensor, Tensor]:
-        """See :func:`backward`."""
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(grad_x, grad_weight_target, grad_bias_target)`` (see :func:`backward`)."""
         config = self.config
         w = as_dtype(aux[-2], self.bn_dtype)
         if config.activation:
@@ -228,11 +235,13 @@ class PreparedStep:
             sum_dy, sum_dy_xmu = _sums(grad_out, x, mean, w.dtype)
             grad_w, grad_b = sum_dy_xmu * invstd, sum_dy
             grad_x = (grad_out * _channel_view(w * invstd, x.dim())).to(x.dtype)
-        grad_affine = torch.stack((grad_w, grad_b))
         windows = self.windows
-        if windows is not None and aux.shape[0] == windows.state_rows + 2:
-            return grad_x, windows.grad_in_place(aux, as_dtype(grad_affine, windows.dtype), config.temperature)
-        return grad_x, recalibrate_grad(aux[:-2], grad_affine, config.temperature)
+        # A state with the compiled cache (not one the PyTorch windows made), and the gradients in its dtype.
+        if windows is not None and aux.shape[0] == windows.state_rows + 2 and grad_w.dtype == windows.dtype:
+            windows.grad_in_place(aux, (grad_w, grad_b), config.temperature)
+            return grad_x, grad_w, grad_b
+        grad_target = recalibrate_grad(aux[:-2], torch.stack((grad_w, grad_b)), config.temperature)
+        return grad_x, grad_target[0], grad_target[1]
 
 
 def forward(
@@ -263,7 +272,9 @@ def backward(
     """Returns ``(grad_x, grad_target)``, the latter the ``(2, C)`` rows of the
     gradients of ``weight_target`` and ``bias_target``; ``aux`` holds all this
     backend needs of the affine parameters."""
-    return PreparedStep(x, aux, config).backward(grad_out, x, mean, invstd, aux)
+    grad_x, grad_weight_target, grad_bias_target = PreparedStep(x, aux, config).backward(
+        grad_out, x, mean, invstd, aux)
+    return grad_x, torch.stack((grad_weight_target, grad_bias_target))
 
 
 def _through_activation(grad_out: Tensor, x: Tensor, mean: Tensor, invstd: Tensor, aux: Tensor,

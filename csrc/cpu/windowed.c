@@ -365,37 +365,37 @@ static int windows_alloc(Windows* w, int64_t n) {
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
-  /* out = (I + S) v for each of the k rows v, two at a time. */                                  \
-  static void times_##SUFFIX(const Windows* w, int64_t k, const T* values, T* out) {              \
+  /* out[r] = (I + S) values[r] for each of the k rows, two at a time (out[r] may be values[r]). */ \
+  static void times_##SUFFIX(const Windows* w, int64_t k, T* const* values, T* const* out) {      \
     int64_t n = w->n;                                                                              \
     for (int64_t row = 0; row < k; row += 2) {                                                     \
       int64_t rows = k - row < 2 ? 1 : 2;                                                          \
-      const T* a = values + row * n;                                                               \
-      sorted_sums_##SUFFIX(w, a, a + (rows - 1) * n);                                              \
+      sorted_sums_##SUFFIX(w, values[row], values[row + rows - 1]);                                \
       for (int64_t r = 0; r < rows; ++r) {                                                         \
-        const T* v = a + r * n;                                                                    \
+        const T* v = values[row + r];                                                              \
+        T* dst = out[row + r];                                                                     \
         const double *prefix = w->prefix[r], *suffix = w->suffix[r];                               \
         for (int64_t i = 0; i < n; ++i) {                                                          \
           double kept = prefix[w->mid[i]] * w->left_mid[i] - prefix[w->lo[i]] * w->left_lo[i]     \
                         + suffix[w->mid[i]] * w->right_mid[i] - suffix[w->hi[i]] * w->right_hi[i]; \
-          out[(row + r) * n + i] = (T)((double)v[i] + kept);                                       \
+          dst[i] = (T)((double)v[i] + kept);                                                       \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
   }                                                                                                \
                                                                                                    \
-  /* out = (I + S)^T g for each of the k rows g: for the channel at sorted                         \
+  /* out[r] = (I + S)^T grads[r] for each of the k rows g (out[r] may be grads[r]): for the channel at sorted \
    * position p, the rows whose window holds p on their left (lo <= p < mid)                       \
    * and on their right (mid <= p < hi), gathered by one sweep over p each way,                    \
    * the rows entering and leaving at their window edges (histograms over the                      \
    * edges, each row's term at the edge where it enters or leaves). Two rows at                    \
    * a time, both sweeps in one loop: four independent chains. */                                  \
-  static void times_transposed_##SUFFIX(const Windows* w, int64_t k, const T* grads, T* out) {     \
+  static void times_transposed_##SUFFIX(const Windows* w, int64_t k, T* const* grads, T* const* out) { \
     int64_t n = w->n;                                                                              \
     for (int64_t row = 0; row < k; row += 2) {                                                     \
       int64_t rows = k - row < 2 ? 1 : 2;                                                          \
       for (int64_t r = 0; r < rows; ++r) {                                                         \
-        const T* g = grads + (row + r) * n;                                                        \
+        const T* g = grads[row + r];                                                               \
         double *left = w->prefix[r], *right = w->suffix[r];                                        \
         memset(left, 0, (size_t)(n + 1) * sizeof(double));                                         \
         memset(right, 0, (size_t)(n + 1) * sizeof(double));                                        \
@@ -430,10 +430,10 @@ static int windows_alloc(Windows* w, int64_t n) {
         hb[m] = m >= p ? hb[m] + up_b : up_b;                                                      \
       }                                                                                            \
       for (int64_t r = 0; r < rows; ++r) {                                                         \
-        const T* g = grads + (row + r) * n;                                                        \
+        const T* g = grads[row + r];                                                               \
         for (int64_t q = 0; q < n; ++q) {                                                          \
           int64_t c = w->order[q];                                                                 \
-          out[(row + r) * n + c] = (T)((double)g[c] + w->held[r][q]);                              \
+          out[row + r][c] = (T)((double)g[c] + w->held[r][q]);                                     \
         }                                                                                          \
       }                                                                                            \
     }                                                                                              \
@@ -442,30 +442,45 @@ static int windows_alloc(Windows* w, int64_t n) {
 WINDOWS_DEFINE(f32, float)
 WINDOWS_DEFINE(f64, double)
 
-/* The torch backend's forward C x C step in one call: from the (4, C) affine
- * rows [gamma_s, beta_s, gamma_t, beta_t], the signatures beta / (|gamma| + eps)
- * (rounded as PyTorch rounds them: T arithmetic), the window state, its
- * cache for the backward, and the effective affine (I + S) [gamma_t, beta_t]
- * as two more rows of out. */
-#define RECALIBRATION_DEFINE(SUFFIX, T, ABS)                                                      \
-  static int recalibration_##SUFFIX(int64_t n, const T* affines, double eps, double temperature,  \
+/* The torch backend's forward C x C step in one call: from the affine rows
+ * gamma_s, beta_s, gamma_t, beta_t (rows[0 .. 4)), the signatures
+ * beta / (|gamma| + eps) (rounded as PyTorch rounds them: T arithmetic), the
+ * window state, its cache for the backward, and the effective affine
+ * (I + S) [gamma_t, beta_t] as two more rows of out. Rows holding NaN or an
+ * infinity come first: their bits (1 << row) are returned and nothing is
+ * written; -1 without memory; else 0. */
+#define RECALIBRATION_DEFINE(SUFFIX, T, U, EXPONENT, ABS)                                        \
+  static int recalibration_##SUFFIX(int64_t n, T* const* rows, double eps, double temperature,    \
                                     T* out) {                                                     \
+    int non_finite = 0;                                                                           \
+    for (int r = 0; r < 4; ++r) {                                                                 \
+      U found = 0; /* NaN and the infinities: every exponent bit set */                          \
+      for (int64_t i = 0; i < n; ++i) {                                                           \
+        U bits;                                                                                   \
+        memcpy(&bits, rows[r] + i, sizeof bits);                                                  \
+        found |= (U)((bits & (EXPONENT)) == (EXPONENT));                                          \
+      }                                                                                           \
+      if (found) non_finite |= 1 << r;                                                            \
+    }                                                                                             \
+    if (non_finite) return non_finite;                                                            \
     T e = (T)eps;                                                                                 \
     for (int64_t i = 0; i < n; ++i) {                                                             \
-      out[ROW_SOURCE * n + i] = affines[n + i] / (ABS(affines[i]) + e);                           \
-      out[ROW_TARGET * n + i] = affines[3 * n + i] / (ABS(affines[2 * n + i]) + e);               \
+      out[ROW_SOURCE * n + i] = rows[1][i] / (ABS(rows[0][i]) + e);                               \
+      out[ROW_TARGET * n + i] = rows[3][i] / (ABS(rows[2][i]) + e);                               \
     }                                                                                             \
     Windows w;                                                                                    \
     if (window_state_##SUFFIX(n, out, out) || windows_##SUFFIX(&w, n, out, temperature)) return -1; \
     double* cache = (double*)(out + WINDOW_ROWS * n);                                             \
     memcpy(cache, w.weights, 4 * (size_t)n * sizeof(double));                                     \
     memcpy(cache + 4 * n, w.step, (size_t)n * sizeof(double));                                    \
-    times_##SUFFIX(&w, 2, affines + 2 * n, out + (WINDOW_ROWS + cache_rows(sizeof(T))) * n);      \
+    T* affine = out + (WINDOW_ROWS + cache_rows(sizeof(T))) * n;                                  \
+    T* effective[2] = {affine, affine + n};                                                       \
+    times_##SUFFIX(&w, 2, rows + 2, effective);                                                   \
     return 0;                                                                                     \
   }
 
-RECALIBRATION_DEFINE(f32, float, fabsf)
-RECALIBRATION_DEFINE(f64, double, fabs)
+RECALIBRATION_DEFINE(f32, float, uint32_t, UINT32_C(0x7f800000), fabsf)
+RECALIBRATION_DEFINE(f64, double, uint64_t, UINT64_C(0x7ff0000000000000), fabs)
 
 /* ---------------------------------------------------------------- bindings */
 
@@ -492,14 +507,31 @@ static int channels(PyObject* value, int64_t* n) {
   return 0;
 }
 
-/* The arguments every entry point starts with: channels, double, and an address. */
+/* The arguments every entry point starts with: channels and double. */
 static int leading_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t wanted,
-                        int64_t* n, int* is_double, void** first) {
+                        int64_t* n, int* is_double) {
   if (check_args(name, nargs, wanted) || channels(args[0], n)) return -1;
   *is_double = PyObject_IsTrue(args[1]);
-  if (*is_double < 0) return -1;
-  *first = address(args[2]);
-  return *first ? 0 : -1;
+  return *is_double < 0 ? -1 : 0;
+}
+
+/* The addresses of k rows of `row_bytes` bytes each into rows[0 .. k): `value` is
+ * the address of the first of k contiguous rows, or a tuple of k addresses. */
+static int row_addresses(PyObject* value, Py_ssize_t k, size_t row_bytes, void** rows) {
+  if (PyTuple_Check(value)) {
+    if (PyTuple_GET_SIZE(value) != k) {
+      PyErr_Format(PyExc_ValueError, "acnorm_fused._cpu: %zd row addresses for %zd rows",
+                   PyTuple_GET_SIZE(value), k);
+      return -1;
+    }
+    for (Py_ssize_t r = 0; r < k; ++r)
+      if (!(rows[r] = address(PyTuple_GET_ITEM(value, r)))) return -1;
+    return 0;
+  }
+  char* first = address(value);
+  if (!first) return -1;
+  for (Py_ssize_t r = 0; r < k; ++r) rows[r] = first + (size_t)r * row_bytes;
+  return 0;
 }
 
 PyDoc_STRVAR(window_state_doc,
@@ -512,9 +544,9 @@ static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize
   (void)self;
   int64_t n;
   int is_double;
-  void* sig;
-  if (leading_args("window_state", args, nargs, 4, &n, &is_double, &sig)) return NULL;
-  void* state = address(args[3]);
+  if (leading_args("window_state", args, nargs, 4, &n, &is_double)) return NULL;
+  void* sig = address(args[2]);
+  void* state = sig ? address(args[3]) : NULL;
   if (!state) return NULL;
   int status;
   Py_BEGIN_ALLOW_THREADS
@@ -526,18 +558,20 @@ static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize
 
 PyDoc_STRVAR(window_product_doc,
              "window_product(channels, double, state, state_rows, temperature, rows, values, out, transposed)\n\n"
-             "Writes (I + S) v, or (I + S)^T g when `transposed`, for each of the `rows` rows of\n"
-             "the (rows, C) tensor at address `values` to the one at `out` (which may be `values`:\n"
-             "each row is read before it is written), S given by the window state at address\n"
-             "`state` (`state_rows` rows: 6, or with its cache from window_recalibration); every\n"
+             "Writes (I + S) v, or (I + S)^T g when `transposed`, for each of the `rows` rows v\n"
+             "of `values` to the rows of `out`, S given by the window state at address `state`\n"
+             "(`state_rows` rows: 6, or with its cache from window_recalibration). `values` and\n"
+             "`out` are each the address of `rows` contiguous rows of C or a tuple of `rows` row\n"
+             "addresses; out may be values (each row is read before it is written). Every\n"
              "tensor float64 when `double`, else float32.");
 
 static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
   int is_double;
-  void* state;
-  if (leading_args("window_product", args, nargs, 9, &n, &is_double, &state)) return NULL;
+  if (leading_args("window_product", args, nargs, 9, &n, &is_double)) return NULL;
+  void* state = address(args[2]);
+  if (!state) return NULL;
   long long state_rows = PyLong_AsLongLong(args[3]);
   if (state_rows == -1 && PyErr_Occurred()) return NULL;
   int64_t with_cache = WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float));
@@ -555,29 +589,40 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
   }
   long long k = PyLong_AsLongLong(args[5]);
   if (k == -1 && PyErr_Occurred()) return NULL;
-  if (k < 0) {
-    PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: rows must be >= 0");
+  if (k < 0 || k > INT32_MAX) {
+    PyErr_SetString(PyExc_ValueError, k < 0 ? "acnorm_fused._cpu: rows must be >= 0"
+                                            : "acnorm_fused._cpu: rows must be < 2^31");
     return NULL;
   }
-  void* values = address(args[6]);
-  void* out = values ? address(args[7]) : NULL;
-  int transposed = out ? PyObject_IsTrue(args[8]) : -1;
-  if (!out || transposed < 0) return NULL;
+  int transposed = PyObject_IsTrue(args[8]);
+  if (transposed < 0) return NULL;
+  void** values = PyMem_Malloc((size_t)(2 * k + 1) * sizeof(void*)); /* + 1: k may be 0 */
+  if (!values) return PyErr_NoMemory();
+  void** out = values + k;
+  size_t row_bytes = (size_t)n * (is_double ? sizeof(double) : sizeof(float));
+  if (row_addresses(args[6], (Py_ssize_t)k, row_bytes, values) ||
+      row_addresses(args[7], (Py_ssize_t)k, row_bytes, out)) {
+    PyMem_Free(values);
+    return NULL;
+  }
   int status;
   Py_BEGIN_ALLOW_THREADS
   Windows w;
   if (is_double) {
     status = cached ? windows_cached_f64(&w, n, state) : windows_f64(&w, n, state, temperature);
     if (!status) {
-      if (transposed) times_transposed_f64(&w, k, values, out); else times_f64(&w, k, values, out);
+      if (transposed) times_transposed_f64(&w, k, (double**)values, (double**)out);
+      else times_f64(&w, k, (double**)values, (double**)out);
     }
   } else {
     status = cached ? windows_cached_f32(&w, n, state) : windows_f32(&w, n, state, temperature);
     if (!status) {
-      if (transposed) times_transposed_f32(&w, k, values, out); else times_f32(&w, k, values, out);
+      if (transposed) times_transposed_f32(&w, k, (float**)values, (float**)out);
+      else times_f32(&w, k, (float**)values, (float**)out);
     }
   }
   Py_END_ALLOW_THREADS
+  PyMem_Free(values);
   if (status == NOT_A_STATE) {
     PyErr_SetString(PyExc_ValueError, "acnorm_fused._cpu: not a window state (its sort order or window edges "
                                       "are out of range)");
@@ -588,18 +633,22 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
 }
 
 PyDoc_STRVAR(window_recalibration_doc,
-             "window_recalibration(channels, double, affines, eps, temperature, out)\n\n"
-             "Writes to address `out` the window state of the (4, C) affine rows at address\n"
-             "`affines` (signatures with `eps`) with its cache (16 rows in all in float32, 11 in\n"
+             "window_recalibration(channels, double, affines, eps, temperature, out) -> int\n\n"
+             "Writes to address `out` the window state of the affine rows gamma_s, beta_s,\n"
+             "gamma_t, beta_t (`affines`: the address of the (4, C) rows or a tuple of 4 row\n"
+             "addresses; signatures with `eps`) with its cache (16 rows in all in float32, 11 in\n"
              "float64) and the effective affine (I + S) [gamma_t, beta_t] as two more rows, in\n"
-             "float64 when `double`, else float32.");
+             "float64 when `double`, else float32. Returns 0, or, when rows hold NaN or an\n"
+             "infinity, their bits (1 << row) having written nothing.");
 
 static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   (void)self;
   int64_t n;
   int is_double;
-  void* affines;
-  if (leading_args("window_recalibration", args, nargs, 6, &n, &is_double, &affines)) return NULL;
+  void* affines[4];
+  if (leading_args("window_recalibration", args, nargs, 6, &n, &is_double) ||
+      row_addresses(args[2], 4, (size_t)n * (is_double ? sizeof(double) : sizeof(float)), affines))
+    return NULL;
   double eps = PyFloat_AsDouble(args[3]);
   if (eps == -1.0 && PyErr_Occurred()) return NULL;
   double temperature = PyFloat_AsDouble(args[4]);
@@ -612,11 +661,11 @@ static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, 
   if (!out) return NULL;
   int status;
   Py_BEGIN_ALLOW_THREADS
-  status = is_double ? recalibration_f64(n, affines, eps, temperature, out)
-                     : recalibration_f32(n, affines, eps, temperature, out);
+  status = is_double ? recalibration_f64(n, (double**)affines, eps, temperature, out)
+                     : recalibration_f32(n, (float**)affines, eps, temperature, out);
   Py_END_ALLOW_THREADS
-  if (status) return PyErr_NoMemory();
-  Py_RETURN_NONE;
+  if (status < 0) return PyErr_NoMemory();
+  return PyLong_FromLong(status);
 }
 
 static PyMethodDef methods[] = {
