@@ -125,6 +125,79 @@ def test_window_recalibration_refuses_bad_calls(compiled):
         compiled.window_recalibration(*good[:5])
 
 
+def test_row_addresses_are_refused_in_the_wrong_number(compiled):
+    affines, out = torch.ones(4, 8), torch.empty(correlation._cached_state_rows(torch.float32) + 2, 8)
+    rows = tuple(row.data_ptr() for row in affines)
+    with pytest.raises(ValueError, match="3 row addresses for 4 rows"):
+        compiled.window_recalibration(8, False, rows[:3], 1e-5, 1.0, out.data_ptr())
+    with pytest.raises(ValueError, match="null address"):
+        compiled.window_recalibration(8, False, (*rows[:3], 0), 1e-5, 1.0, out.data_ptr())
+    with pytest.raises(TypeError):
+        compiled.window_recalibration(8, False, (*rows[:3], "row"), 1e-5, 1.0, out.data_ptr())
+    state = correlation.recalibrated_state(torch.rand(4, 8) + 0.5)
+    grads = torch.randn(2, 8)
+    pair = (grads[0].data_ptr(), grads[1].data_ptr())
+    with pytest.raises(ValueError, match="1 row addresses for 2 rows"):
+        compiled.window_product(8, False, state.data_ptr(), 16, 1.0, 2, pair[:1], pair, True)
+    with pytest.raises(ValueError, match="rows must be < 2"):
+        compiled.window_product(8, False, state.data_ptr(), 16, 1.0, 1 << 40, pair, pair, True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_affine_rows_are_reported_and_nothing_is_written(compiled, dtype, value):
+    """Bit 1 << row for each row holding NaN or an infinity; out is left as it was."""
+    channels = 40
+    for bad_rows in [(0,), (1,), (2,), (3,), (0, 3), (1, 2)]:
+        affines = torch.rand(4, channels, dtype=dtype) + 0.5
+        for row in bad_rows:
+            affines[row, (7 * row) % channels] = value
+        out = torch.full((correlation._cached_state_rows(dtype) + 2, channels), 3.0, dtype=dtype)
+        bits = compiled.window_recalibration(channels, dtype == torch.float64, affines.data_ptr(), 1e-5, 1.0,
+                                             out.data_ptr())
+        assert bits == sum(1 << row for row in bad_rows)
+        assert torch.equal(out, torch.full_like(out, 3.0))
+    affines[:] = 1.0
+    affines[2:, 5] = value
+    with pytest.raises(ValueError,
+                       match=r"recalibrated_state: weight_target, bias_target contain\(s\) NaN or infinite values"):
+        correlation.recalibrated_state(affines)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_apart_and_in_place_give_the_same_bits(compiled, dtype):
+    """A tuple of row addresses reads and writes the rows as contiguous rows do,
+    and a product written over its own input equals one written elsewhere."""
+    channels, double = 96, dtype == torch.float64
+    generator = torch.Generator().manual_seed(3)
+    affines = torch.rand(4, channels, generator=generator, dtype=dtype) + 0.5
+    affines[1::2] = 0.2 * torch.randn(2, channels, generator=generator, dtype=dtype)
+    rows = correlation._cached_state_rows(dtype)
+    stacked = torch.empty(rows + 2, channels, dtype=dtype)
+    apart = torch.empty_like(stacked)
+    parameters = [affines[k].clone() for k in range(4)]  # four separate storages
+    assert compiled.window_recalibration(channels, double, affines.data_ptr(), 1e-5, 0.5, stacked.data_ptr()) == 0
+    assert compiled.window_recalibration(channels, double, tuple(p.data_ptr() for p in parameters), 1e-5, 0.5,
+                                         apart.data_ptr()) == 0
+    bits = torch.int64 if double else torch.int32  # the cache rows hold float64 bits: compared as bits
+    assert torch.equal(stacked.view(bits), apart.view(bits))
+    for transposed in (False, True):
+        for state, state_rows in ((stacked, rows), (stacked[:correlation.WINDOW_ROWS].contiguous(),
+                                                    correlation.WINDOW_ROWS)):
+            values = torch.randn(3, channels, generator=generator, dtype=dtype)
+            expected = torch.empty_like(values)
+            compiled.window_product(channels, double, state.data_ptr(), state_rows, 0.5, 3, values.data_ptr(),
+                                    expected.data_ptr(), transposed)
+            separate = [values[k].clone() for k in range(3)]
+            addresses = tuple(v.data_ptr() for v in separate)
+            compiled.window_product(channels, double, state.data_ptr(), state_rows, 0.5, 3, addresses, addresses,
+                                    transposed)
+            assert torch.equal(torch.stack(separate), expected)
+            compiled.window_product(channels, double, state.data_ptr(), state_rows, 0.5, 3, values.data_ptr(),
+                                    values.data_ptr(), transposed)
+            assert torch.equal(values, expected)
+
+
 def test_unknown_cpu_build_mode_is_refused():
     """setup.py reads ACNORM_BUILD_CPU like ACNORM_BUILD_CUDA."""
     result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True,

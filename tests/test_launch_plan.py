@@ -11,6 +11,7 @@ bars of the project (counted, not timed, with the launches doing nothing).
 from __future__ import annotations
 
 import copy
+import math
 import pickle
 import types
 
@@ -128,23 +129,26 @@ def test_moved_parameters_take_the_general_path_and_its_errors(backend):
         assert torch.equal(value.double(), before[key].double()), key
 
 
+@pytest.mark.parametrize("channels", [4, 48])
 @pytest.mark.parametrize("how", ["in_place", "through_data"])
 @pytest.mark.parametrize("name", ["weight", "bias", "weight_target", "bias_target"])
-def test_non_finite_parameters_on_the_planned_path(backend, how, name):
-    """The finalise kernel finds them; the call raises naming the layer and the
-    parameter, and leaves the running statistics and the counter alone. Written
-    through ``.data`` (no version counter moves) they are found all the same."""
+def test_non_finite_parameters_on_the_planned_path(backend, how, name, channels):
+    """The finalise kernel (or, on the torch backend, the check before the
+    dense S or inside the compiled windows' call, from 32 channels) finds them;
+    the call raises naming the layer and the parameter, and leaves the running
+    statistics and the counter alone. Written through ``.data`` (no version
+    counter moves) they are found all the same."""
     if DEVICE.type == "cuda":
         pytest.skip("on a GPU the kernel's finding is read by the next call (test_gpu.py)")
-    layer = make_layer(acn.ACNorm2d, 4, seed=0, backend=backend)
-    x = random_input((2, 4, 3, 3), 1)
+    layer = make_layer(acn.ACNorm2d, channels, seed=0, backend=backend)
+    x = random_input((2, channels, 3, 3), 1)
     layer(x)
     assert _plans(layer)
     target = getattr(layer, name)
     with torch.no_grad():
-        (target.data if how == "through_data" else target)[2] = float("nan")
+        (target.data if how == "through_data" else target)[2] = float("nan") if how == "in_place" else -math.inf
     before = {k: v.clone() for k, v in layer.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"ACNorm2d\(4\): {name} contain\(s\) NaN or infinite"):
+    with pytest.raises(ValueError, match=rf"ACNorm2d\({channels}\): {name} contain\(s\) NaN or infinite"):
         layer(x)
     for key, value in layer.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0, equal_nan=True, msg=key)
