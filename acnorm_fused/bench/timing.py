@@ -110,8 +110,9 @@ def balanced_order(count: int) -> list[int]:
 def time_interleaved(
     steps: Mapping[str, Callable[[], None]], device: torch.device, repeats: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Wall times in ms of each step, the steps run in turn at least ``repeats``
-    times each (whole cycles of :func:`balanced_order`).
+    """Wall times in ms of each step, the steps run in turn ``repeats`` times
+    each, in the cyclic order of :func:`balanced_order` (a step that has its
+    samples is passed over in the last, partial cycle).
 
     Every step follows each of the others equally often: a step right after a
     heavy one (the reference layer's C x C temporaries) starts with cold
@@ -125,16 +126,18 @@ def time_interleaved(
     synchronize(device)
     names = list(steps)
     order = [names[k] for k in balanced_order(len(names))]
-    per_cycle = max(len(names) - 1, 1)
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(-(-repeats // per_cycle)):
-        for name in order:
-            step = steps[name]
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            samples[name].append((time.perf_counter() - start) * 1e3)
+    position = 0
+    for _ in range(repeats * len(names)):
+        while len(samples[order[position % len(order)]]) == repeats:
+            position += 1
+        name = order[position % len(order)]
+        position += 1
+        synchronize(device)
+        start = time.perf_counter()
+        steps[name]()
+        synchronize(device)
+        samples[name].append((time.perf_counter() - start) * 1e3)
     return samples
 
 
