@@ -54,21 +54,26 @@ static void* scratch(size_t bytes) {
 
 /* ---------------------------------------------------------------- the state */
 
+/* A sorted position or channel index: channels < 2^24 (positions are exact in
+ * a float32 state), and half the memory of int64_t to stream. */
+typedef int32_t pos_t;
+enum { MAX_CHANNELS = 1 << 24 };
+
 /* The stable sorting order of n values: an LSD radix sort of their bits, mapped
  * to unsigned integers in the values' order (ties keep their indices' order,
  * as torch.sort(stable=True); -0.0 is taken as +0.0, which compares equal).
  * order and spare hold n indices each; keys and spare_keys n keys. */
 #define RADIX_BITS 11
 #define RADIX_DEFINE(SUFFIX, T, U, SIGN)                                                 \
-  static void sort_order_##SUFFIX(int64_t n, const T* values, int64_t* result,            \
-                                  int64_t* spare, U* keys, U* spare_keys) {                \
-    int64_t* order = result;                                                              \
+  static void sort_order_##SUFFIX(int64_t n, const T* values, pos_t* result,              \
+                                  pos_t* spare, U* keys, U* spare_keys) {                  \
+    pos_t* order = result;                                                                \
     for (int64_t i = 0; i < n; ++i) {                                                     \
       T v = values[i] + (T)0; /* -0.0 + 0.0 is +0.0 */                                    \
       U bits;                                                                             \
       memcpy(&bits, &v, sizeof bits);                                                     \
       keys[i] = (bits & SIGN) ? ~bits : (bits | SIGN);                                    \
-      order[i] = i;                                                                       \
+      order[i] = (pos_t)i;                                                                \
     }                                                                                     \
     int64_t count[1 << RADIX_BITS];                                                       \
     for (unsigned shift = 0; shift < 8 * sizeof(U); shift += RADIX_BITS) {                \
@@ -87,10 +92,10 @@ static void* scratch(size_t bytes) {
         spare[at] = order[i];                                                             \
       }                                                                                   \
       U* k = keys; keys = spare_keys; spare_keys = k;                                     \
-      int64_t* o = order; order = spare; spare = o;                                       \
+      pos_t* o = order; order = spare; spare = o;                                         \
     }                                                                                     \
     /* After an odd number of scatters the order sits in the spare row. */             \
-    if (order != result) memcpy(result, order, (size_t)n * sizeof(int64_t));             \
+    if (order != result) memcpy(result, order, (size_t)n * sizeof(pos_t));               \
   }
 
 /* The rule |t - v| <= r, in the signatures' dtype as the dense S and the
@@ -139,7 +144,7 @@ static void* scratch(size_t bytes) {
   static int window_state_##SUFFIX(int64_t n, const T* sig, T* state) {                 \
     const T* ys = sig;                                                                  \
     const T* yt = sig + n;                                                              \
-    int64_t* order = scratch((size_t)n * (2 * sizeof(int64_t) + 2 * sizeof(U) + sizeof(T))); \
+    pos_t* order = scratch((size_t)n * (2 * sizeof(pos_t) + 2 * sizeof(U) + sizeof(T)));    \
     if (!order) return -1;                                                              \
     U* keys = (U*)(order + 2 * n);                                                      \
     T* u = (T*)(keys + 2 * n);                                                          \
@@ -222,7 +227,7 @@ enum { NOT_A_STATE = -2 };
 /* What every product needs of the state, in double and sorted order. */
 typedef struct {
   int64_t n;
-  int64_t *order, *lo, *mid, *hi;
+  pos_t *order, *lo, *mid, *hi;
   double* su;      /* u / T, sorted */
   double* st;      /* y_t / T, channel order */
   /* Row i's weights at its window edges, the softmax's 1 / z'_i (z'_i >= 1)
@@ -248,15 +253,22 @@ enum { CACHE_DOUBLES = 5 };
 /* The cache's rows in a state of elements of `itemsize` bytes (4 or 8). */
 static int64_t cache_rows(size_t itemsize) { return CACHE_DOUBLES * (int64_t)(sizeof(double) / itemsize); }
 
+/* The four weight rows at `weights` (4 n doubles). */
+static void weights_at(Windows* w, double* weights) {
+  w->weights = weights;
+  w->left_mid = weights; w->left_lo = weights + w->n; w->right_mid = weights + 2 * w->n;
+  w->right_hi = weights + 3 * w->n;
+}
+
 static int windows_alloc(Windows* w, int64_t n) {
   size_t rows = 8 * (size_t)n + 5 * (size_t)(n + 1); /* su, st, 4 weights, 2 held; step, 4 work */
   w->n = n;
-  int64_t* ints = scratch(4 * (size_t)n * sizeof(int64_t) + rows * sizeof(double));
+  pos_t* ints = scratch(4 * (size_t)n * sizeof(pos_t) + rows * sizeof(double));
   if (!ints) return -1;
   w->order = ints; w->lo = ints + n; w->mid = ints + 2 * n; w->hi = ints + 3 * n;
   double* d = (double*)(ints + 4 * n);
-  w->su = d; w->st = d + n; w->weights = d + 2 * n;
-  w->left_mid = d + 2 * n; w->left_lo = d + 3 * n; w->right_mid = d + 4 * n; w->right_hi = d + 5 * n;
+  w->su = d; w->st = d + n;
+  weights_at(w, d + 2 * n);
   w->step = d + 6 * n;
   double* work = w->step + n + 1;
   for (int r = 0; r < 2; ++r) {
@@ -301,17 +313,20 @@ static int windows_alloc(Windows* w, int64_t n) {
       T mid = state[ROW_MID * n + i], hi = state[ROW_HI * n + i];                                  \
       if (!(order >= 0 && order < (T)n && lo >= 0 && lo <= mid && mid <= hi && hi <= (T)n))       \
         return NOT_A_STATE;                                                                        \
-      w->order[i] = (int64_t)order;                                                                \
-      w->lo[i] = (int64_t)lo;                                                                      \
-      w->mid[i] = (int64_t)mid;                                                                    \
-      w->hi[i] = (int64_t)hi;                                                                      \
+      w->order[i] = (pos_t)order;                                                                  \
+      w->lo[i] = (pos_t)lo;                                                                        \
+      w->mid[i] = (pos_t)mid;                                                                      \
+      w->hi[i] = (pos_t)hi;                                                                        \
     }                                                                                              \
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
-  static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature) {        \
+  /* weights: where the four weight rows go (NULL: the work memory). */                            \
+  static int windows_##SUFFIX(Windows* w, int64_t n, const T* state, double temperature,          \
+                              double* weights) {                                                   \
     int edges = windows_edges_##SUFFIX(w, n, state);                                               \
     if (edges) return edges;                                                                       \
+    if (weights) weights_at(w, weights);                                                           \
     for (int64_t i = 0; i < n; ++i) w->st[i] = (double)state[ROW_TARGET * n + i] / temperature;    \
     for (int64_t p = 0; p < n; ++p)                                                                \
       w->su[p] = (double)state[ROW_SOURCE * n + w->order[p]] / temperature;                        \
@@ -469,9 +484,9 @@ WINDOWS_DEFINE(f64, double)
       out[ROW_TARGET * n + i] = rows[3][i] / (ABS(rows[2][i]) + e);                               \
     }                                                                                             \
     Windows w;                                                                                    \
-    if (window_state_##SUFFIX(n, out, out) || windows_##SUFFIX(&w, n, out, temperature)) return -1; \
-    double* cache = (double*)(out + WINDOW_ROWS * n);                                             \
-    memcpy(cache, w.weights, 4 * (size_t)n * sizeof(double));                                     \
+    double* cache = (double*)(out + WINDOW_ROWS * n); /* the weights go straight there */        \
+    if (window_state_##SUFFIX(n, out, out) || windows_##SUFFIX(&w, n, out, temperature, cache))   \
+      return -1;                                                                                  \
     memcpy(cache + 4 * n, w.step, (size_t)n * sizeof(double));                                    \
     T* affine = out + (WINDOW_ROWS + cache_rows(sizeof(T))) * n;                                  \
     T* effective[2] = {affine, affine + n};                                                       \
@@ -499,8 +514,9 @@ static int check_args(const char* name, Py_ssize_t given, Py_ssize_t wanted) {
 static int channels(PyObject* value, int64_t* n) {
   long long c = PyLong_AsLongLong(value);
   if (c == -1 && PyErr_Occurred()) return -1;
-  if (c < 1) {
-    PyErr_Format(PyExc_ValueError, "acnorm_fused._cpu: need at least one channel, got %lld", c);
+  if (c < 1 || c > MAX_CHANNELS) {
+    PyErr_Format(PyExc_ValueError, c < 1 ? "acnorm_fused._cpu: need at least one channel, got %lld"
+                                         : "acnorm_fused._cpu: at most 2^24 channels, got %lld", c);
     return -1;
   }
   *n = (int64_t)c;
@@ -609,13 +625,13 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
   Py_BEGIN_ALLOW_THREADS
   Windows w;
   if (is_double) {
-    status = cached ? windows_cached_f64(&w, n, state) : windows_f64(&w, n, state, temperature);
+    status = cached ? windows_cached_f64(&w, n, state) : windows_f64(&w, n, state, temperature, NULL);
     if (!status) {
       if (transposed) times_transposed_f64(&w, k, (double**)values, (double**)out);
       else times_f64(&w, k, (double**)values, (double**)out);
     }
   } else {
-    status = cached ? windows_cached_f32(&w, n, state) : windows_f32(&w, n, state, temperature);
+    status = cached ? windows_cached_f32(&w, n, state) : windows_f32(&w, n, state, temperature, NULL);
     if (!status) {
       if (transposed) times_transposed_f32(&w, k, (float**)values, (float**)out);
       else times_f32(&w, k, (float**)values, (float**)out);
