@@ -72,6 +72,7 @@ def test_window_product_refuses_bad_calls(compiled):
         (4, float("nan"), ValueError, "temperature must be positive"),
         (5, -1, ValueError, "rows must be >= 0"),
         (0, -3, ValueError, "need at least one channel, got -3"),
+        (0, (1 << 24) + 1, ValueError, "at most 2\\^24 channels, got 16777217"),
         (7, 0, ValueError, "null address"),
         (3, 8, ValueError, "a window state has 6 rows, or 16 with its cache; got 8"),
     ]:
