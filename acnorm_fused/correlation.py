@@ -221,7 +221,8 @@ def recalibrated_state(affines: Tensor, eps: float = 1e-5, temperature: float = 
     as two more rows (what the torch backend keeps for its backward): in one
     call of the compiled module for a wide layer on the CPU, whose state then
     carries what the backward's product would build again (see
-    :func:`state_rows`)."""
+    :func:`state_rows`). That call checks the rows for NaN and infinity
+    first and raises a ValueError naming them; the other forms give NaN."""
     _check_rows("recalibrated_state", "affines", affines, 4)
     windows = compiled_windows(affines)
     if windows is not None:
