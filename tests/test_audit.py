@@ -126,3 +126,18 @@ def test_cli_audit_exit_status_and_files(monkeypatch, tmp_path):
     assert cli.main(["audit"]) == 1
     with pytest.raises(SystemExit):
         cli.main(["audit", "--archs", "nine"])
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 256, 4, 4, 4), (2, 320, 2, 2, 2)])
+def test_cuda_training_step_launches(cuda_kernels, shape, layout):
+    """The multi-pass step of a planned layer (DESIGN section 4): forward
+    statistics, finalise, apply; backward sums, finalise, (I + S)^T, dx."""
+    if not cuda_kernels.emulated:
+        pytest.skip("counts the host emulator's launches")
+    assert audit.cuda_step_launches(cuda_kernels, shape, layout=layout) == {"forward": 3, "backward": 4}
+
+
+def test_launch_count_needs_the_emulator():
+    with pytest.raises(ValueError, match="counts the launches of the host emulator"):
+        audit.cuda_step_launches(object(), (2, 4, 2, 2, 2))

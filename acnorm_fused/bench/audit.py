@@ -193,6 +193,31 @@ def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch
     return launches
 
 
+def cuda_step_launches(module, shape, dtype: str = "float32", layout: str = "contiguous") -> dict[str, int]:
+    """Kernel launches of one eager training step of an ``ACNorm3d(backend="cuda")``
+    layer whose launch plan is built, ``{"forward": n, "backward": m}``, as
+    ``module`` (the host emulation of the CUDA kernels, whose
+    ``emulated_launches`` counts them) runs them on CPU tensors."""
+    from ..backends import using_cuda_extension
+    from ..modules import ACNorm3d
+
+    if not getattr(module, "emulated", False):
+        raise ValueError("cuda_step_launches counts the launches of the host emulator: pass the emulated module")
+    x, _, _ = _case_tensors(shape, dtype, layout, "cpu")
+    x = x.normal_().requires_grad_()
+    grad = torch.randn_like(x)
+    counts = {}
+    with using_cuda_extension(module):
+        layer = ACNorm3d(shape[1], backend="cuda")
+        layer(x).backward(grad)  # builds the plan
+        start = module.emulated_launches()
+        out = layer(x)
+        counts["forward"] = module.emulated_launches() - start
+        out.backward(grad)
+        counts["backward"] = module.emulated_launches() - start - counts["forward"]
+    return counts
+
+
 def _planned_finalise(kernels, x: torch.Tensor, affines: torch.Tensor, running: tuple) -> None:
     """The forward finalise as a launch plan runs it (acnorm_fused.backends.plan):
     the affines checked into a status word, the running statistics moved in place."""

@@ -259,6 +259,8 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("compiled_archs", &archs, "The SASS targets of this build, e.g. [80, 90].");
 #ifdef ACNORM_EMULATE
   m.attr("emulated") = true;  // kernels run on the CPU, on host pointers
+  m.def("emulated_launches", &acnorm::emulated_launches,
+        "Kernel launches the host emulator has run in this process.");
 #else
   m.attr("emulated") = false;
 #endif

@@ -14,6 +14,7 @@
 #include <ucontext.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -58,6 +59,9 @@ inline thread_local uint3 block_idx;
 // The first error a launch ran into, as a GPU would report it.
 inline thread_local cudaError_t pending_error = cudaSuccess;
 
+// Kernel launches run in this process: what the audit counts per training step.
+inline std::atomic<long long> launches{0};
+
 // Whether an access of this alignment may go to ptr. A GPU faults on a
 // misaligned vector access; here the access is skipped instead and the launch
 // reports the GPU's error.
@@ -100,6 +104,7 @@ T shuffle_xor(T value, int lane_mask) {
 }
 
 inline void run(dim3 grid, dim3 block, const std::function<void()>& body) {
+  ++launches;
   Block state;
   const unsigned threads = block.x * block.y * block.z;
   state.fibers.resize(threads);

@@ -18,4 +18,8 @@ int compiled_archs(int* out, int capacity) {
 #endif
 }
 
+#ifdef ACNORM_EMULATE
+long long emulated_launches() { return emulator::launches.load(); }
+#endif
+
 }  // namespace acnorm

@@ -126,4 +126,9 @@ namespace acnorm {
 // writes up to capacity of them and returns how many there are.
 int compiled_archs(int* out, int capacity);
 
+#ifdef ACNORM_EMULATE
+// Kernel launches the host emulator has run in this process.
+long long emulated_launches();
+#endif
+
 }  // namespace acnorm
