@@ -380,7 +380,7 @@ static int windows_alloc(Windows* w, int64_t n) {
     return 0;                                                                                      \
   }                                                                                                \
                                                                                                    \
-  /* out[r] = (I + S) values[r] for each of the k rows, two at a time (out[r] may be values[r]). */ \
+  /* out[r] = (I + S) values[r] for each of the k rows, two at a time (out[r] may be values[r]). */\
   static void times_##SUFFIX(const Windows* w, int64_t k, T* const* values, T* const* out) {      \
     int64_t n = w->n;                                                                              \
     for (int64_t row = 0; row < k; row += 2) {                                                     \
@@ -399,13 +399,14 @@ static int windows_alloc(Windows* w, int64_t n) {
     }                                                                                              \
   }                                                                                                \
                                                                                                    \
-  /* out[r] = (I + S)^T grads[r] for each of the k rows g (out[r] may be grads[r]): for the channel at sorted \
-   * position p, the rows whose window holds p on their left (lo <= p < mid)                       \
-   * and on their right (mid <= p < hi), gathered by one sweep over p each way,                    \
+  /* out[r] = (I + S)^T grads[r] for each of the k rows g (out[r] may be grads[r]).               \
+   * For the channel at sorted position p, the rows whose window holds p on                        \
+   * their left (lo <= p < mid) and on their right (mid <= p < hi), gathered by one sweep over p each way, \
    * the rows entering and leaving at their window edges (histograms over the                      \
    * edges, each row's term at the edge where it enters or leaves). Two rows at                    \
    * a time, both sweeps in one loop: four independent chains. */                                  \
-  static void times_transposed_##SUFFIX(const Windows* w, int64_t k, T* const* grads, T* const* out) { \
+  static void times_transposed_##SUFFIX(const Windows* w, int64_t k, T* const* grads,             \
+                                        T* const* out) {                                           \
     int64_t n = w->n;                                                                              \
     for (int64_t row = 0; row < k; row += 2) {                                                     \
       int64_t rows = k - row < 2 ? 1 : 2;                                                          \
