@@ -351,13 +351,20 @@ class CompiledWindows:
             raise non_finite_error(caller, [name for row, name in enumerate(AFFINE_NAMES) if non_finite >> row & 1])
         return out
 
+    def product(self, state: Tensor, state_rows: int, rows: Tensor | tuple[Tensor, ...], temperature: float,
+                transposed: bool, out: Tensor | tuple[Tensor, ...]) -> None:
+        """``(I + S) v`` (or ``(I + S)^T g`` when ``transposed``) of each row into
+        ``out`` (which may be ``rows``), S from the contiguous window state whose
+        first ``state_rows`` rows ``state`` holds (6, or with the cache)."""
+        count = rows.shape[0] if isinstance(rows, Tensor) else len(rows)
+        addresses = _addresses(rows)
+        self.module.window_product(self.channels, self.double, state.data_ptr(), state_rows, temperature, count,
+                                   addresses, addresses if out is rows else _addresses(out), transposed)
+
     def grad_in_place(self, aux: Tensor, grad_rows: Tensor | tuple[Tensor, ...], temperature: float) -> None:
         """Overwrite ``grad_rows`` with :func:`recalibrate_grad` of the state in
         ``aux`` (what :meth:`recalibrated` gave)."""
-        addresses = _addresses(grad_rows)
-        count = grad_rows.shape[0] if isinstance(grad_rows, Tensor) else len(grad_rows)
-        self.module.window_product(self.channels, self.double, aux.data_ptr(), self.state_rows, temperature,
-                                   count, addresses, addresses, True)
+        self.product(aux, self.state_rows, grad_rows, temperature, True, grad_rows)
 
 
 def _addresses(rows: Tensor | tuple[Tensor, ...]) -> int | tuple[int, ...]:
@@ -453,9 +460,8 @@ def _windowed_product(state: Tensor, rows: Tensor, temperature: float, transpose
     if compiled is not None:
         rows = rows.contiguous()
         out = torch.empty_like(rows)
-        compiled.window_product(state.shape[1], state.dtype == torch.float64, state.contiguous().data_ptr(),
-                                state.shape[0], temperature, rows.shape[0], rows.data_ptr(), out.data_ptr(),
-                                transposed)
+        CompiledWindows(compiled, state.shape[1], state.dtype).product(
+            state.contiguous(), state.shape[0], rows, temperature, transposed, out)
         return out
     windows = _Windows(state, temperature)
     product = windows.rows_times_s_transposed(rows) if transposed else windows.rows_times_s(rows)

@@ -524,12 +524,16 @@ static int channels(PyObject* value, int64_t* n) {
   return 0;
 }
 
-/* The arguments every entry point starts with: channels and double. */
+/* The arguments every entry point starts with: channels, double, and (unless
+ * first is NULL) an address. */
 static int leading_args(const char* name, PyObject* const* args, Py_ssize_t nargs, Py_ssize_t wanted,
-                        int64_t* n, int* is_double) {
+                        int64_t* n, int* is_double, void** first) {
   if (check_args(name, nargs, wanted) || channels(args[0], n)) return -1;
   *is_double = PyObject_IsTrue(args[1]);
-  return *is_double < 0 ? -1 : 0;
+  if (*is_double < 0) return -1;
+  if (!first) return 0;
+  *first = address(args[2]);
+  return *first ? 0 : -1;
 }
 
 /* The addresses of k rows of `row_bytes` bytes each into rows[0 .. k): `value` is
@@ -561,9 +565,9 @@ static PyObject* py_window_state(PyObject* self, PyObject* const* args, Py_ssize
   (void)self;
   int64_t n;
   int is_double;
-  if (leading_args("window_state", args, nargs, 4, &n, &is_double)) return NULL;
-  void* sig = address(args[2]);
-  void* state = sig ? address(args[3]) : NULL;
+  void* sig;
+  if (leading_args("window_state", args, nargs, 4, &n, &is_double, &sig)) return NULL;
+  void* state = address(args[3]);
   if (!state) return NULL;
   int status;
   Py_BEGIN_ALLOW_THREADS
@@ -586,9 +590,8 @@ static PyObject* py_window_product(PyObject* self, PyObject* const* args, Py_ssi
   (void)self;
   int64_t n;
   int is_double;
-  if (leading_args("window_product", args, nargs, 9, &n, &is_double)) return NULL;
-  void* state = address(args[2]);
-  if (!state) return NULL;
+  void* state;
+  if (leading_args("window_product", args, nargs, 9, &n, &is_double, &state)) return NULL;
   long long state_rows = PyLong_AsLongLong(args[3]);
   if (state_rows == -1 && PyErr_Occurred()) return NULL;
   int64_t with_cache = WINDOW_ROWS + cache_rows(is_double ? sizeof(double) : sizeof(float));
@@ -663,7 +666,7 @@ static PyObject* py_window_recalibration(PyObject* self, PyObject* const* args, 
   int64_t n;
   int is_double;
   void* affines[4];
-  if (leading_args("window_recalibration", args, nargs, 6, &n, &is_double) ||
+  if (leading_args("window_recalibration", args, nargs, 6, &n, &is_double, NULL) ||
       row_addresses(args[2], 4, (size_t)n * (is_double ? sizeof(double) : sizeof(float)), affines))
     return NULL;
   double eps = PyFloat_AsDouble(args[3]);
