@@ -19,6 +19,7 @@ import importlib
 import pytest
 
 from acnorm_fused import cli
+from acnorm_fused.backends import cuda as cuda_backend
 from acnorm_fused.bench import audit
 
 from helpers import skip_or_fail
@@ -128,16 +129,45 @@ def test_cli_audit_exit_status_and_files(monkeypatch, tmp_path):
         cli.main(["audit", "--archs", "nine"])
 
 
+SMALL_STAGES = [(2, 256, 4, 4, 4), (2, 320, 2, 2, 2)]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(2, 256, 4, 4, 4), (2, 320, 2, 2, 2)])
+@pytest.mark.parametrize("shape", SMALL_STAGES)
 def test_cuda_training_step_launches(cuda_kernels, shape, layout):
-    """The multi-pass step of a planned layer (DESIGN section 4): forward
-    statistics, finalise, apply; backward sums, finalise, (I + S)^T, dx."""
+    """A planned layer the GPU holds: one cooperative launch forward, one backward."""
     if not cuda_kernels.emulated:
         pytest.skip("counts the host emulator's launches")
+    assert audit.cuda_step_launches(cuda_kernels, shape, layout=layout) == {"forward": 1, "backward": 1}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", SMALL_STAGES)
+def test_cuda_single_pass_reads_x_once(cuda_kernels, shape, layout):
+    if not cuda_kernels.emulated:
+        pytest.skip("counts the host emulator's reads")
+    assert audit.cuda_step_reads(cuda_kernels, shape, layout=layout) == {
+        "forward_x": 1.0, "backward_x": 1.0, "backward_dy": 1.0}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_multi_pass_where_the_gpu_cannot_hold_the_layer(cuda_kernels, layout, monkeypatch):
+    """With no room for the single pass, the multi-pass step (DESIGN section 4):
+    forward statistics, finalise, apply; backward sums, finalise, (I + S)^T,
+    dx; x read twice each way. (The forward's threads also read their channel's
+    first value, which the emulator counts per thread: a GPU broadcasts it.)"""
+    if not cuda_kernels.emulated:
+        pytest.skip("counts the host emulator's launches")
+    monkeypatch.setattr(cuda_backend, "resident_capacity", lambda *args: 0)
+    shape = SMALL_STAGES[0]
     assert audit.cuda_step_launches(cuda_kernels, shape, layout=layout) == {"forward": 3, "backward": 4}
+    reads = audit.cuda_step_reads(cuda_kernels, shape, layout=layout)
+    assert reads["forward_x"] > 2.0
+    assert reads["backward_x"] == 2.0 and reads["backward_dy"] == 2.0
 
 
 def test_launch_count_needs_the_emulator():
-    with pytest.raises(ValueError, match="counts the launches of the host emulator"):
+    with pytest.raises(ValueError, match="counts what the host emulator runs"):
         audit.cuda_step_launches(object(), (2, 4, 2, 2, 2))
+    with pytest.raises(ValueError, match="counts what the host emulator runs"):
+        audit.cuda_step_reads(object(), (2, 4, 2, 2, 2))

@@ -6,6 +6,9 @@ kernels, same order of arithmetic), fall back to the general path whenever
 the layer or its input changes, refuse bad parameters as the general path
 does without touching the layer's state, and cost the host no more than the
 bars of the project (counted, not timed, with the launches doing nothing).
+The cuda plans here run the multi-pass kernels, as the general path does;
+their single pass, which only plans run, is held to the reference in
+test_single_pass.py.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import acnorm_fused as acn
 from acnorm_fused import backends, modules
 from acnorm_fused.backends import abi
+from acnorm_fused.backends import cuda as cuda_backend
 from acnorm_fused.backends.plan import LaunchPlan
 from acnorm_fused.bench import host
 from acnorm_fused.bench.cases import COST_CASE, make_input
@@ -36,8 +40,10 @@ LAYER_CLASSES = {2: acn.ACNorm1d, 3: acn.ACNorm1d, 4: acn.ACNorm2d, 5: acn.ACNor
 
 
 @pytest.fixture
-def backend(planning_backend):
-    """The backend under test (see conftest.planning_backend)."""
+def backend(planning_backend, monkeypatch):
+    """The backend under test (see conftest.planning_backend), the cuda plans
+    on the general path's multi-pass kernels."""
+    monkeypatch.setattr(cuda_backend, "resident_capacity", lambda *args: 0)
     return planning_backend
 
 
@@ -304,8 +310,10 @@ def test_step_plan_takes_keywords_only(emulated_cuda_module):
     geo = module_geometry(emulated_cuda_module, geometry(torch.zeros(2, 3, 4)))
     fields = dict(geometry=geo, dtype=0, activation=0, slope=0.0, count=8.0, momentum=0.19, eps=1e-5,
                   temperature=1.0, batch_stats=True, update_running=True, pilot_stride=4, fwd_partials=0,
-                  fwd_mean=6, fwd_invstd=9, fwd_aux=12, bwd_partials=18, bwd_grad_affine=6, bwd_coef=12,
-                  bwd_grad_target=0)
+                  fwd_mean=6, fwd_invstd=9, fwd_aux=12, fwd_weight=36, bwd_partials=18, bwd_grad_affine=6,
+                  bwd_coef=12, bwd_grad_target=0,
+                  fwd_resident=emulated_cuda_module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1),
+                  bwd_resident=emulated_cuda_module.Resident(packs=2, lanes_c=1, tiles=1, blocks=1))
     emulated_cuda_module.StepPlan(**fields)
     with pytest.raises(TypeError):
         emulated_cuda_module.StepPlan(*fields.values())

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import cuda_extension
 from .abi import ACTIVATION_CODES as _ACTIVATION_CODES
 from .abi import DTYPE_CODES as _DTYPE_CODES
-from .geometry import Geometry
+from .geometry import Geometry, Resident, resident_geometry
 from .multipass import MultiPassBackend
 
 # The compiled module's kernel launches (what a stand-in module replaces).
@@ -56,6 +56,34 @@ def module_geometry(module, geo: Geometry):
         planar=geo.planar, n=geo.n, c=geo.c, s=geo.s, split_s=geo.split_s, split_n=geo.split_n,
         s_chunk=geo.s_chunk, n_chunk=geo.n_chunk, splits=geo.row_splits, r_chunk=geo.r_chunk,
         block_c=geo.block_c)
+
+
+@functools.lru_cache(maxsize=64)
+def resident_capacity(module, dtype: torch.dtype, planar: bool, packs: int, backward: bool, index: int) -> int:
+    """Blocks of a single-pass kernel variant GPU ``index`` holds at once, as the
+    compiled module's occupancy query gives them (asked once per variant)."""
+    return module.resident_capacity(_DTYPE_CODES[dtype], planar, packs, backward, index)
+
+
+def single_pass(module, geo: Geometry, dtype: torch.dtype, index: int) -> tuple[Resident | None, Resident | None]:
+    """The single-pass geometry of a step's forward and backward on GPU
+    ``index``, each None where the GPU cannot hold the layer (or the input is
+    not in whole 16-byte packs): that pass runs the multi-pass kernels."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+
+    def one(backward: bool) -> Resident | None:
+        return resident_geometry(geo, element_size, module.RESIDENT_PACKS, module.RESIDENT_WARPS,
+                                 lambda packs: resident_capacity(module, dtype, geo.planar, packs, backward, index))
+
+    return one(False), one(True)
+
+
+def module_resident(module, resident: Resident | None):
+    """The compiled module's copy of a single-pass geometry (packs 0 for none)."""
+    if resident is None:
+        return module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1)
+    return module.Resident(packs=resident.packs, lanes_c=resident.lanes_c, tiles=resident.tiles,
+                           blocks=resident.blocks)
 
 
 class CudaKernels:

@@ -16,6 +16,7 @@ always walks consecutive addresses and the loads vectorise.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,53 @@ class Geometry:
         if self.planar:
             return (self.n * self.c * _cdiv(self.s, self.block),)
         return (_cdiv(self.rows, self.block_r) * self.c_blocks,)
+
+# Lanes of a warp: a single-pass tile is held by one warp.
+_WARP = 32
+
+
+@dataclass(frozen=True)
+class Resident:
+    """The single-pass geometry of one pass of the CUDA kernels
+    (``csrc/acnorm/resident.cu``): warps that each hold one tile of x, ``packs``
+    16-byte packs per lane, across the launch's grid barriers."""
+
+    packs: int  # per lane
+    lanes_c: int  # lanes across channels: 1 when planar
+    tiles: int  # per channel group (a channel when planar): partial results per channel
+    blocks: int  # the grid
+
+
+def resident_geometry(geo: Geometry, element_size: int, packs_options: Sequence[int], warps_per_block: int,
+                      capacity: Callable[[int], int]) -> Resident | None:
+    """The single pass for ``geo``: the fewest packs per lane (so the most warps
+    load at once) whose grid the GPU holds, ``capacity(packs)`` blocks; None
+    when no variant fits, or when the input is not in whole 16-byte packs
+    (then the multi-pass kernels run it).
+
+    A planar tile is a run of one channel's packs (``_WARP * packs`` of them);
+    an interleaved one is ``_WARP // lanes_c * packs`` rows of ``lanes_c`` packs
+    of channels. The grid also gives every channel a warp for its row of S,
+    while the GPU holds the blocks."""
+    width = 16 // element_size
+    if geo.planar:
+        if geo.s % width:
+            return None
+        lanes_c, items, groups = 1, geo.n * (geo.s // width), geo.c
+    else:
+        if geo.c % width:
+            return None
+        lanes_c = min(_WARP, _next_pow2(geo.c // width))
+        items, groups = geo.rows * lanes_c, _cdiv(geo.c, lanes_c * width)
+    for packs in sorted(packs_options):
+        tiles = _cdiv(items, _WARP * packs)
+        needed = _cdiv(groups * tiles, warps_per_block)
+        held = capacity(packs)
+        if needed <= held:
+            blocks = max(needed, min(_cdiv(geo.c, warps_per_block), held))
+            return Resident(packs=packs, lanes_c=lanes_c, tiles=tiles, blocks=blocks)
+    return None
+
 
 def finalise_blocks(channels: int, num_splits: int) -> tuple[int, int]:
     """``(channels per program, padded splits)`` of a Triton finalise step over

@@ -48,7 +48,7 @@ from ..correlation import stack_affines
 from . import REGISTRY
 from .abi import ACTIVATION_CODES, AUX_ROWS, DTYPE_CODES, NON_FINITE_BITS
 from .config import StepConfig
-from .geometry import Geometry, geometry, is_dense
+from .geometry import geometry, is_dense
 from .multipass import on_device
 
 __all__ = ["LaunchPlan", "PlannedStep", "plan_covers"]
@@ -77,26 +77,28 @@ def _pointers(tensors: LayerTensors) -> tuple[int, ...]:
 
 
 class _ScratchLayout:
-    """Where each per-channel fp32 array sits in a pass's scratch buffer."""
+    """Where each per-channel fp32 array sits in a pass's scratch buffer, for
+    ``fwd_partials`` and ``bwd_partials`` fp32 partial results per channel."""
 
-    def __init__(self, geo: Geometry):
-        c, splits = geo.c, geo.splits
-        # Forward: statistics partials (3, C, splits), mean, invstd, aux.
-        self.fwd_partials, self.fwd_mean = 0, 3 * c * splits
+    def __init__(self, c: int, fwd_partials: int, bwd_partials: int):
+        # Forward: statistics partials ((3, C, splits) multi-pass, (4, C, tiles)
+        # single-pass), mean, invstd, aux, and the single pass's effective weights W.
+        self.fwd_partials, self.fwd_mean = 0, c * fwd_partials
         self.fwd_invstd = self.fwd_mean + c
         self.fwd_aux = self.fwd_invstd + c
-        self.fwd_len = self.fwd_aux + AUX_ROWS * c
+        self.fwd_weight = self.fwd_aux + AUX_ROWS * c
+        self.fwd_len = self.fwd_weight + c
         # Backward: the target gradients first (returned as views), dW and
-        # dB, the dx coefficients, the gradient partials (2, C, splits).
+        # dB, the dx coefficients, the gradient partials (2, C, splits or tiles).
         self.bwd_grad_target = 0
         self.bwd_grad_affine = 2 * c
         self.bwd_coef = 4 * c
         self.bwd_partials = 6 * c
-        self.bwd_len = self.bwd_partials + 2 * c * splits
+        self.bwd_len = self.bwd_partials + c * bwd_partials
 
     def forward_views(self, scratch: Tensor, c: int) -> tuple[Tensor, ...]:
         """``(partials, mean, invstd, aux)`` of a forward scratch, in one operator."""
-        partials, mean, invstd, aux = scratch.split_with_sizes((self.fwd_mean, c, c, AUX_ROWS * c))
+        partials, mean, invstd, aux, _ = scratch.split_with_sizes((self.fwd_mean, c, c, AUX_ROWS * c, c))
         return partials, mean, invstd, aux.view(AUX_ROWS, c)
 
     def backward_views(self, scratch: Tensor, c: int) -> tuple[Tensor, ...]:
@@ -134,8 +136,7 @@ class LaunchPlan:
                  batch_stats: bool, update_running: bool, counts_batches: bool, momentum: float,
                  eps: float, temperature: float, activation: str, negative_slope: float):
         self.caller = caller
-        self.geo = geo = geometry(x)
-        self.layout = _ScratchLayout(geo)
+        self.geo = geometry(x)
         self.device = x.device
         self.strides = x.stride()
         self.pointers = _pointers(tensors)
@@ -144,7 +145,7 @@ class LaunchPlan:
         self.counts_batches = counts_batches
         self.momentum, self.eps, self.temperature = momentum, eps, temperature
         self.activation, self.negative_slope = activation, negative_slope
-        self.count = float(geo.count)
+        self.count = float(self.geo.count)
         self.status = _Status(x.device)
         self.launches = _STEPS[backend](self, x)
 
@@ -197,17 +198,23 @@ class LaunchPlan:
 
 
 class _CudaLaunches:
-    """A plan's passes as two calls of the compiled module (one per pass)."""
+    """A plan's passes as two calls of the compiled module (one per pass): the
+    single-pass kernels where the GPU holds the layer (see
+    :func:`.cuda.single_pass`), else the multi-pass ones."""
 
     def __init__(self, plan: LaunchPlan, x: Tensor):
         from . import cuda_extension
-        from .cuda import module_geometry, raw_stream
+        from .cuda import module_geometry, module_resident, raw_stream, single_pass
 
         module = cuda_extension()
         assert module is not None  # the cuda backend runs this plan: the module is installed
         self.plan = plan
         self.module = module
-        geo, layout = plan.geo, plan.layout
+        geo = plan.geo
+        self.index = x.device.index if x.is_cuda else -1
+        self.resident = fwd, bwd = single_pass(module, geo, x.dtype, self.index)
+        self.layout = layout = _ScratchLayout(geo.c, max(3 * geo.splits, 4 * fwd.tiles if fwd else 0),
+                                              2 * max(geo.splits, bwd.tiles if bwd else 0))
         self.step = module.StepPlan(
             geometry=module_geometry(module, geo), dtype=DTYPE_CODES[x.dtype],
             activation=ACTIVATION_CODES[plan.activation], slope=plan.negative_slope, count=plan.count,
@@ -215,16 +222,17 @@ class _CudaLaunches:
             batch_stats=plan.batch_stats, update_running=plan.update_running,
             pilot_stride=geo.s if geo.planar else 1, fwd_partials=layout.fwd_partials,
             fwd_mean=layout.fwd_mean, fwd_invstd=layout.fwd_invstd, fwd_aux=layout.fwd_aux,
-            bwd_partials=layout.bwd_partials, bwd_grad_affine=layout.bwd_grad_affine,
-            bwd_coef=layout.bwd_coef, bwd_grad_target=layout.bwd_grad_target)
-        self.index = x.device.index if x.is_cuda else -1
+            fwd_weight=layout.fwd_weight, bwd_partials=layout.bwd_partials,
+            bwd_grad_affine=layout.bwd_grad_affine, bwd_coef=layout.bwd_coef,
+            bwd_grad_target=layout.bwd_grad_target, fwd_resident=module_resident(module, fwd),
+            bwd_resident=module_resident(module, bwd))
         self.raw_stream = raw_stream if x.is_cuda else None
         self.status = plan.status.word.data_ptr()
         self.pointers = plan.pointers
         self.grad_split = (geo.c, geo.c, layout.bwd_len - 2 * geo.c)
 
     def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
-        out, scratch = self.plan.kernel_buffers(x, self.plan.layout.fwd_len)
+        out, scratch = self.plan.kernel_buffers(x, self.layout.fwd_len)
         # The parameters' and buffers' addresses are the plan's: run() has checked them.
         stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
         self.module.step_forward(self.step, self.index, stream, x.data_ptr(), out.data_ptr(),
@@ -233,7 +241,7 @@ class _CudaLaunches:
 
     def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         grad_out = self.plan.in_kernel_layout(grad_out, x)
-        grad_x, bwd = self.plan.kernel_buffers(x, self.plan.layout.bwd_len)
+        grad_x, bwd = self.plan.kernel_buffers(x, self.layout.bwd_len)
         stream = 0 if self.raw_stream is None else self.raw_stream(self.index)
         self.module.step_backward(self.step, self.index, stream, x.data_ptr(), grad_out.data_ptr(),
                                   grad_x.data_ptr(), fwd.data_ptr(), bwd.data_ptr())
@@ -250,23 +258,24 @@ class _TritonLaunches:
 
         self.kernels = TritonKernels()
         self.plan = plan
+        self.layout = _ScratchLayout(plan.geo.c, 3 * plan.geo.splits, 2 * plan.geo.splits)
 
     def forward(self, x: Tensor, tensors: LayerTensors) -> tuple[Tensor, Tensor]:
-        out, scratch = self.plan.kernel_buffers(x, self.plan.layout.fwd_len)
+        out, scratch = self.plan.kernel_buffers(x, self.layout.fwd_len)
         with on_device(x):
             self._forward(x, out, scratch, tensors)
         return out, scratch
 
     def backward(self, grad_out: Tensor, x: Tensor, fwd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         grad_out = self.plan.in_kernel_layout(grad_out, x)
-        grad_x, bwd = self.plan.kernel_buffers(x, self.plan.layout.bwd_len)
+        grad_x, bwd = self.plan.kernel_buffers(x, self.layout.bwd_len)
         with on_device(x):
             return (grad_x, *self._backward(grad_out, x, grad_x, fwd, bwd))
 
     def _forward(self, x: Tensor, out: Tensor, scratch: Tensor, tensors: LayerTensors) -> None:
         plan, kernels = self.plan, self.kernels
         geo = plan.geo
-        partials, mean, invstd, aux = plan.layout.forward_views(scratch, geo.c)
+        partials, mean, invstd, aux = self.layout.forward_views(scratch, geo.c)
         w, b, wt, bt, rm, rv = tensors
         act, slope = plan.activation, plan.negative_slope
         if plan.batch_stats:
@@ -289,8 +298,8 @@ class _TritonLaunches:
                   bwd: Tensor) -> tuple[Tensor, Tensor]:
         plan, kernels = self.plan, self.kernels
         geo = plan.geo
-        _, _, invstd, aux = plan.layout.forward_views(fwd, geo.c)
-        grad_w, grad_b, grad_affine, coef, partials = plan.layout.backward_views(bwd, geo.c)
+        _, _, invstd, aux = self.layout.forward_views(fwd, geo.c)
+        grad_w, grad_b, grad_affine, coef, partials = self.layout.backward_views(bwd, geo.c)
         partials = partials.view(2, geo.c, geo.splits)
         act, slope = plan.activation, plan.negative_slope
         kernels.reduce(geo, x, grad_out, partials, aux, act, slope)

@@ -193,29 +193,62 @@ def launches_for(shape, dtype: str, layout: str, activation: str) -> list[Launch
     return launches
 
 
+def _planned_cuda_layer(module, shape, dtype: str, layout: str):
+    """An ``ACNorm3d(backend="cuda")`` layer whose launch plan for ``x`` is built,
+    ``x`` and a gradient for its output (CPU tensors, for the host emulator)."""
+    from ..modules import ACNorm3d
+
+    if not getattr(module, "emulated", False):
+        raise ValueError("the step audit counts what the host emulator runs: pass the emulated module")
+    x, _, _ = _case_tensors(shape, dtype, layout, "cpu")
+    x = x.normal_().requires_grad_()
+    grad = torch.randn_like(x)
+    layer = ACNorm3d(shape[1], backend="cuda")
+    layer(x).backward(grad)  # builds the plan
+    return layer, x, grad
+
+
 def cuda_step_launches(module, shape, dtype: str = "float32", layout: str = "contiguous") -> dict[str, int]:
     """Kernel launches of one eager training step of an ``ACNorm3d(backend="cuda")``
     layer whose launch plan is built, ``{"forward": n, "backward": m}``, as
     ``module`` (the host emulation of the CUDA kernels, whose
     ``emulated_launches`` counts them) runs them on CPU tensors."""
     from ..backends import using_cuda_extension
-    from ..modules import ACNorm3d
 
-    if not getattr(module, "emulated", False):
-        raise ValueError("cuda_step_launches counts the launches of the host emulator: pass the emulated module")
-    x, _, _ = _case_tensors(shape, dtype, layout, "cpu")
-    x = x.normal_().requires_grad_()
-    grad = torch.randn_like(x)
     counts = {}
     with using_cuda_extension(module):
-        layer = ACNorm3d(shape[1], backend="cuda")
-        layer(x).backward(grad)  # builds the plan
+        layer, x, grad = _planned_cuda_layer(module, shape, dtype, layout)
         start = module.emulated_launches()
         out = layer(x)
         counts["forward"] = module.emulated_launches() - start
         out.backward(grad)
         counts["backward"] = module.emulated_launches() - start - counts["forward"]
     return counts
+
+
+def cuda_step_reads(module, shape, dtype: str = "float32", layout: str = "contiguous") -> dict[str, float]:
+    """Bytes the kernels of one planned eager training step read from x (forward,
+    backward) and from the output gradient (backward), in units of x's size,
+    as the host emulation of the CUDA kernels counts them: 1.0 where x is
+    read from memory once, plus the channels' first values (the centring
+    pilot) the forward reads apart."""
+    from ..backends import using_cuda_extension
+
+    with using_cuda_extension(module):
+        layer, x, grad = _planned_cuda_layer(module, shape, dtype, layout)
+        size = x.numel() * x.element_size()
+        module.watch_reads(x.data_ptr(), size)
+        out = layer(x)
+        reads = {"forward_x": module.watched_reads() / size}
+        module.watch_reads(x.data_ptr(), size)
+        out.backward(grad)
+        reads["backward_x"] = module.watched_reads() / size
+        out = layer(x)
+        module.watch_reads(grad.data_ptr(), size)
+        out.backward(grad)
+        reads["backward_dy"] = module.watched_reads() / size
+        module.watch_reads(0, 0)
+    return reads
 
 
 def _planned_finalise(kernels, x: torch.Tensor, affines: torch.Tensor, running: tuple) -> None:
@@ -497,15 +530,22 @@ def cuda_module_facts(path: str | Path) -> list[dict]:
         resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
         if resources:
             demangled = re.search(r"(reduce_planar|reduce_interleaved|elementwise_planar|elementwise_interleaved|"
-                                  r"finalise_forward|finalise_backward|target_grad)_kernel(?:I(\w+?)EE)?", name)
+                                  r"finalise_forward|finalise_backward|target_grad|resident_forward|"
+                                  r"resident_backward)_kernel(?:I(\w+?)EE)?", name)
             kernel = demangled.group(1) if demangled else name
             params = demangled.group(2) or "" if demangled else ""
             dtype = "fp32" if params.startswith("f") else "bf16" if "bfloat16" in params else \
                 "fp16" if "half" in params else "-"
-            pack = re.search(r"Li(\d+)E?$", params)
+            if kernel.startswith("resident"):
+                # <T, planar, packs per lane>: always 16-byte packs.
+                grad, pack = kernel == "resident_backward", 4 if dtype == "fp32" else 8
+                kernel += "_planar" if "Lb1" in params else "_interleaved"
+            else:
+                found = re.search(r"Li(\d+)E?$", params)
+                grad, pack = "Lb1" in params, int(found.group(1)) if found else 0
             facts.append({
-                "arch": arch, "kernel": kernel, "dtype": dtype, "grad": "Lb1" in params,
-                "pack": int(pack.group(1)) if pack else 0, "registers": int(resources.group(1)),
+                "arch": arch, "kernel": kernel, "dtype": dtype, "grad": grad,
+                "pack": pack, "registers": int(resources.group(1)),
                 "shared": int(resources.group(3)), "local": int(resources.group(4)),
                 "widest_load": widths.get((arch, name), "-"),
             })

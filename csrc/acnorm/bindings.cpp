@@ -10,6 +10,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <iterator>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -168,6 +169,14 @@ void target_grad(int device, std::uintptr_t stream, std::uintptr_t aux, std::uin
         "target gradient launch");
 }
 
+int capacity(int dtype, bool planar, int packs, bool backward, int device) {
+  DeviceGuard guard(device);
+  int blocks = 0;
+  check(acnorm::resident_capacity(dtype_of(dtype), planar, packs, backward, device, &blocks),
+        "single-pass capacity query");
+  return blocks;
+}
+
 int runtime_version() {
   int version = 0;
   check(cudaRuntimeGetVersion(&version), "cudaRuntimeGetVersion");
@@ -190,23 +199,32 @@ PYBIND11_MODULE(_cuda, m) {
            py::arg("block_c"))
       .def_property_readonly("num_splits", &acnorm::Geometry::num_splits);
 
+  py::class_<acnorm::Resident>(m, "Resident", py::module_local(),
+                               "The single-pass geometry of a pass (packs = 0: the multi-pass kernels).")
+      .def(py::init([](int packs, int lanes_c, int64_t tiles, int64_t blocks) {
+             return acnorm::Resident{packs, lanes_c, tiles, blocks};
+           }),
+           py::kw_only(), py::arg("packs"), py::arg("lanes_c"), py::arg("tiles"), py::arg("blocks"));
+
   py::class_<acnorm::StepPlan>(m, "StepPlan", py::module_local(),
                                "One layer's step for one input signature (see acnorm_fused.backends.plan).")
       .def(py::init([](const acnorm::Geometry& geo, int dtype, int activation, float slope, float count,
                        float momentum, float eps, float temperature, bool batch_stats, bool update_running,
                        int64_t pilot_stride, int64_t fwd_partials, int64_t fwd_mean, int64_t fwd_invstd,
-                       int64_t fwd_aux, int64_t bwd_partials, int64_t bwd_grad_affine, int64_t bwd_coef,
-                       int64_t bwd_grad_target) {
+                       int64_t fwd_aux, int64_t fwd_weight, int64_t bwd_partials, int64_t bwd_grad_affine,
+                       int64_t bwd_coef, int64_t bwd_grad_target, const acnorm::Resident& fwd_resident,
+                       const acnorm::Resident& bwd_resident) {
              return acnorm::StepPlan{geo, dtype_of(dtype), activation, slope, count, momentum, eps, temperature,
                                      batch_stats, update_running, pilot_stride, fwd_partials, fwd_mean,
-                                     fwd_invstd, fwd_aux, bwd_partials, bwd_grad_affine, bwd_coef,
-                                     bwd_grad_target};
+                                     fwd_invstd, fwd_aux, fwd_weight, bwd_partials, bwd_grad_affine, bwd_coef,
+                                     bwd_grad_target, fwd_resident, bwd_resident};
            }),
            py::kw_only(), py::arg("geometry"), py::arg("dtype"), py::arg("activation"), py::arg("slope"),
            py::arg("count"), py::arg("momentum"), py::arg("eps"), py::arg("temperature"), py::arg("batch_stats"),
            py::arg("update_running"), py::arg("pilot_stride"), py::arg("fwd_partials"), py::arg("fwd_mean"),
-           py::arg("fwd_invstd"), py::arg("fwd_aux"), py::arg("bwd_partials"), py::arg("bwd_grad_affine"),
-           py::arg("bwd_coef"), py::arg("bwd_grad_target"));
+           py::arg("fwd_invstd"), py::arg("fwd_aux"), py::arg("fwd_weight"), py::arg("bwd_partials"),
+           py::arg("bwd_grad_affine"), py::arg("bwd_coef"), py::arg("bwd_grad_target"), py::arg("fwd_resident"),
+           py::arg("bwd_resident"));
 
   m.def("reduce", &reduce, "Statistics partials (dy = 0) or gradient partials of a batch.", py::arg("geometry"),
         py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("x"), py::arg("dy"), py::arg("partials"),
@@ -223,8 +241,13 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("aux"), py::arg("status"), py::arg("channels"), py::arg("count"), py::arg("momentum"),
         py::arg("eps"), py::arg("temperature"));
   // Positional only: a step is two calls of these per layer, and keywords cost time there.
-  m.def("step_forward", &step_forward, "A plan's forward: statistics, finalise and apply.");
-  m.def("step_backward", &step_backward, "A plan's backward: gradient sums, finalise, (I + S)^T and dx.");
+  m.def("step_forward", &step_forward,
+        "A plan's forward: the single-pass kernel, or statistics, finalise and apply.");
+  m.def("step_backward", &step_backward,
+        "A plan's backward: the single-pass kernel, or gradient sums, finalise, (I + S)^T and dx.");
+  m.def("resident_capacity", &capacity,
+        "Blocks of a single-pass kernel variant the GPU holds at once (occupancy x multiprocessors).",
+        py::arg("dtype"), py::arg("planar"), py::arg("packs"), py::arg("backward"), py::arg("device"));
   m.def("finalise_backward", &finalise_backward, "dW, dB and the input-gradient coefficients, per channel.",
         py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("global_sums"),
         py::arg("invstd"), py::arg("aux"), py::arg("grad_affine"), py::arg("coef"), py::arg("channels"),
@@ -256,11 +279,19 @@ PYBIND11_MODULE(_cuda, m) {
                                              static_cast<int>(acnorm::kSourceBias),
                                              static_cast<int>(acnorm::kTargetWeight),
                                              static_cast<int>(acnorm::kTargetBias));
+  py::tuple packs(std::size(acnorm::kResidentPacks));
+  for (size_t i = 0; i < std::size(acnorm::kResidentPacks); ++i) packs[i] = acnorm::kResidentPacks[i];
+  m.attr("RESIDENT_PACKS") = packs;
+  m.attr("RESIDENT_WARPS") = acnorm::kResidentWarps;
   m.def("compiled_archs", &archs, "The SASS targets of this build, e.g. [80, 90].");
 #ifdef ACNORM_EMULATE
   m.attr("emulated") = true;  // kernels run on the CPU, on host pointers
   m.def("emulated_launches", &acnorm::emulated_launches,
         "Kernel launches the host emulator has run in this process.");
+  m.def("watch_reads", &acnorm::watch_reads,
+        "Count the bytes the kernels read in [address, address + size) from now on.", py::arg("address"),
+        py::arg("size"));
+  m.def("watched_reads", &acnorm::watched_reads, "Bytes read in the watched range since watch_reads.");
 #else
   m.attr("emulated") = false;
 #endif

@@ -11,6 +11,7 @@
 #ifdef ACNORM_EMULATE
 #include "emulator.h"
 #else
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -35,7 +36,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
 }
 
 // Elements of T in one 16-byte global access.
-template <typename T> constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
+template <typename T> __host__ __device__ constexpr int pack_width() { return 16 / static_cast<int>(sizeof(T)); }
 
 // WIDTH consecutive elements, read or written as one access when WIDTH * sizeof(T) is 16.
 template <typename T, int WIDTH>
@@ -47,8 +48,18 @@ template <typename T, int WIDTH>
 __device__ __forceinline__ Pack<T, WIDTH> read_pack(const T* ptr) {
 #ifdef ACNORM_EMULATE
   if (!emulator::aligned_access(ptr, alignof(Pack<T, WIDTH>))) return Pack<T, WIDTH>{};
+  emulator::count_read(ptr, sizeof(Pack<T, WIDTH>));
 #endif
   return *reinterpret_cast<const Pack<T, WIDTH>*>(ptr);
+}
+
+// One element of a streamed tensor (a channel's first value), as a float.
+template <typename T>
+__device__ __forceinline__ float read_value(const T* ptr) {
+#ifdef ACNORM_EMULATE
+  emulator::count_read(ptr, sizeof(T));
+#endif
+  return to_float(*ptr);
 }
 
 template <typename T, int WIDTH>
@@ -165,6 +176,16 @@ __device__ __forceinline__ bool kept_in_s(float y_target, float y_source, float 
   return fabsf(y_target - y_source) <= fabsf(y_target - y_source_own);
 }
 
+// Waits until every thread of the grid has arrived; its writes are then
+// visible to all. Only in a kernel run by launch_cooperative.
+__device__ __forceinline__ void grid_sync() {
+#ifdef ACNORM_EMULATE
+  emulator::grid_sync();
+#else
+  cooperative_groups::this_grid().sync();
+#endif
+}
+
 // NaN and infinity compare false here: whether v is a finite number.
 __device__ __forceinline__ bool is_finite(float v) { return fabsf(v) <= 3.402823466e38f; }
 
@@ -201,9 +222,35 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t strea
 #endif
 }
 
+// Launches kernel as a cooperative launch, all of whose blocks are resident
+// at once, so that they may wait for each other at grid_sync(); the launch
+// fails (cudaErrorCooperativeLaunchTooLarge) rather than hang when the grid
+// exceeds what the GPU holds. Stream-ordered and capturable in a CUDA graph.
+template <typename... Params, typename... Args>
+cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
+                               Args&&... args) {
+#ifdef ACNORM_EMULATE
+  (void)stream;
+  emulator::run(grid, block, [&] { kernel(std::forward<Args>(args)...); }, /*cooperative=*/true);
+  return cudaGetLastError();
+#else
+  cudaLaunchAttribute cooperative;
+  cooperative.id = cudaLaunchAttributeCooperative;
+  cooperative.val.cooperative = 1;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  config.attrs = &cooperative;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+#endif
+}
+
 inline bool is_aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Thread arrangement of the interleaved kernels: lanes_c threads across a
 // block of block_c channels (width channels each), lanes_r rows at a time.

@@ -16,23 +16,12 @@
 // target_grad_kernel: (I + S)^T [dW; dB], one warp per column of S, S
 // recomputed from the row normalisers the forward saved.
 
-#include "common.cuh"
+#include "channel.cuh"
 
 namespace acnorm {
 namespace {
 
 constexpr int kWarpsPerBlock = 4;
-
-// Source signature of channel j.
-__device__ __forceinline__ float source_signature(const FinaliseForwardArgs& a, int64_t j) {
-  return signature(a.gamma_s[j], a.beta_s[j], a.eps);
-}
-
-// The NonFinite bits of channel j's four affine values.
-__device__ __forceinline__ int non_finite_bits(const FinaliseForwardArgs& a, int64_t j) {
-  return (is_finite(a.gamma_s[j]) ? 0 : kSourceWeight) | (is_finite(a.beta_s[j]) ? 0 : kSourceBias) |
-         (is_finite(a.gamma_t[j]) ? 0 : kTargetWeight) | (is_finite(a.beta_t[j]) ? 0 : kTargetBias);
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_kernel(FinaliseForwardArgs a) {
@@ -49,7 +38,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_k
     for (int64_t split = lane; split < a.num_splits; split += kWarpSize)
       m = merge(m, Moments{part[split], part[plane + split], part[2 * plane + split]});
     m = warp_merge(m);
-    centre_hi = to_float(static_cast<const T*>(a.x)[c * a.pilot_stride]);
+    centre_hi = read_value(static_cast<const T*>(a.x) + c * a.pilot_stride);
     centre_lo = m.mean;
     var = m.m2 / a.count;
   } else {
@@ -60,55 +49,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize) finalise_forward_k
   const float mean = centre_hi + centre_lo;
   const float invstd = 1.f / sqrtf(var + a.eps);
 
-  // Row c of the softmax: its maximum logit and exponential sum, then S's entries.
   // Every warp reads all four affines, so each one knows whether all are finite.
-  const float* gamma_t = a.gamma_t;
-  const float* beta_t = a.beta_t;
-  const float y_target = signature(gamma_t[c], beta_t[c], a.eps);
-  const float y_source_own = source_signature(a, c);
-  float row_max = -INFINITY;
-  int non_finite = 0;
-  for (int64_t j = lane; j < C; j += kWarpSize) {
-    row_max = fmaxf(row_max, affinity_logit(y_target, source_signature(a, j), a.temperature));
-    non_finite |= non_finite_bits(a, j);
-  }
-  row_max = warp_max(row_max);
-  non_finite = warp_or(non_finite);
-  float row_sum = 0.f;
-  for (int64_t j = lane; j < C; j += kWarpSize)
-    row_sum += expf(affinity_logit(y_target, source_signature(a, j), a.temperature) - row_max);
-  row_sum = warp_sum(row_sum);
-  float w_sum = 0.f, b_sum = 0.f;
-  for (int64_t j = lane; j < C; j += kWarpSize) {
-    const float y_source = source_signature(a, j);
-    const float s = kept_in_s(y_target, y_source, y_source_own)
-                        ? affinity(y_target, y_source, row_max, row_sum, a.temperature) : 0.f;
-    w_sum += s * gamma_t[j];
-    b_sum += s * beta_t[j];
-  }
-  w_sum = warp_sum(w_sum);
-  b_sum = warp_sum(b_sum);
+  const CorrelationRow row =
+      correlation_row(Affines{a.gamma_s, a.beta_s, a.gamma_t, a.beta_t}, C, c, a.eps, a.temperature, lane);
   if (lane != 0) return;
 
   // A refused call leaves the running statistics as they were.
-  const bool refused = a.status != nullptr && non_finite != 0;
-  if (a.status != nullptr && c == 0) *a.status = non_finite;
-  if (a.new_mean != nullptr && !refused) {
-    const float unbiased = var * (a.count / (a.count - 1.f));
-    a.new_mean[c] = a.running_mean[c] + a.momentum * (mean - a.running_mean[c]);
-    a.new_var[c] = a.running_var[c] + a.momentum * (unbiased - a.running_var[c]);
-  }
+  const bool refused = a.status != nullptr && row.non_finite != 0;
+  if (a.status != nullptr && c == 0) *a.status = row.non_finite;
+  if (a.new_mean != nullptr && !refused)
+    move_running(a.running_mean, a.running_var, a.new_mean, a.new_var, c, mean, var, a.count, a.momentum);
   a.mean[c] = mean;
   a.invstd[c] = invstd;
-  const float w_eff = gamma_t[c] + w_sum;
-  a.aux[kScale * C + c] = w_eff * invstd;
-  a.aux[kShiftB * C + c] = beta_t[c] + b_sum;
+  a.aux[kScale * C + c] = (a.gamma_t[c] + row.w_sum) * invstd;
   a.aux[kCentreHi * C + c] = centre_hi;
   a.aux[kCentreLo * C + c] = centre_lo;
-  a.aux[kSourceSig * C + c] = y_source_own;
-  a.aux[kTargetSig * C + c] = y_target;
-  a.aux[kRowMax * C + c] = row_max;
-  a.aux[kRowSum * C + c] = row_sum;
+  store_row(a.aux, C, c, row, a.beta_t[c]);
 }
 
 // One thread per channel; the splits are summed in order.
@@ -126,20 +82,13 @@ __global__ void finalise_backward_kernel(const float* __restrict__ partials, int
   const float inv = invstd[c];
   grad_affine[c] = sum_dy_xmu * inv;
   grad_affine[C + c] = sum_dy;
-  float p = 0.f, q = 0.f;
-  if (batch_stats) {
-    // The batch statistics depend on x: dx = scale * (dy - mean(dy) - x_hat * mean(dy * x_hat)),
-    // the means over every value the statistics cover.
-    if (global_sums != nullptr) {
-      sum_dy = global_sums[c];
-      sum_dy_xmu = global_sums[C + c];
-    }
-    const float scale = aux[kScale * C + c];
-    p = -scale * inv * inv * sum_dy_xmu / count;
-    q = -scale * sum_dy / count;
+  if (global_sums != nullptr) {
+    sum_dy = global_sums[c];
+    sum_dy_xmu = global_sums[C + c];
   }
-  coef[c] = p;
-  coef[C + c] = q;
+  const float2 pq = dx_coefficients(sum_dy, sum_dy_xmu, inv, aux[kScale * C + c], count, batch_stats);
+  coef[c] = pq.x;
+  coef[C + c] = pq.y;
 }
 
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
@@ -148,22 +97,10 @@ target_grad_kernel(const float* __restrict__ aux, const float* __restrict__ grad
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   if (j >= C) return;
-  const float y_source = aux[kSourceSig * C + j];
-  float acc_w = 0.f, acc_b = 0.f;
-  for (int64_t i = lane; i < C; i += kWarpSize) {
-    const float y_target = aux[kTargetSig * C + i];
-    const float row_max = aux[kRowMax * C + i];
-    const float row_sum = aux[kRowSum * C + i];
-    const float s = kept_in_s(y_target, y_source, aux[kSourceSig * C + i])
-                        ? affinity(y_target, y_source, row_max, row_sum, temperature) : 0.f;
-    acc_w += s * grad_affine[i];
-    acc_b += s * grad_affine[C + i];
-  }
-  acc_w = warp_sum(acc_w);
-  acc_b = warp_sum(acc_b);
+  const float2 acc = target_grad_column(aux, grad_affine, C, j, temperature, lane);
   if (lane == 0) {
-    grad_target[j] = grad_affine[j] + acc_w;
-    grad_target[C + j] = grad_affine[C + j] + acc_b;
+    grad_target[j] = grad_affine[j] + acc.x;
+    grad_target[C + j] = grad_affine[C + j] + acc.y;
   }
 }
 

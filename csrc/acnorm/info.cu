@@ -20,6 +20,14 @@ int compiled_archs(int* out, int capacity) {
 
 #ifdef ACNORM_EMULATE
 long long emulated_launches() { return emulator::launches.load(); }
+
+void watch_reads(std::uintptr_t address, std::uintptr_t size) {
+  emulator::watched_begin = reinterpret_cast<const char*>(address);
+  emulator::watched_end = emulator::watched_begin + size;
+  emulator::watched_bytes = 0;
+}
+
+long long watched_reads() { return emulator::watched_bytes; }
 #endif
 
 }  // namespace acnorm

@@ -90,6 +90,23 @@ cudaError_t launch_finalise_backward(const float* partials, int64_t num_splits, 
 cudaError_t launch_target_grad(const float* aux, const float* grad_affine, float* grad_target,
                                int64_t channels, float temperature, cudaStream_t stream);
 
+// The single-pass geometry of a step's forward or backward (see
+// acnorm_fused/backends/geometry.py, which computes it): warps that each hold
+// one tile of x (and dy) in registers across grid barriers, `packs` 16-byte
+// packs per lane, so that x is read from memory once. A planar tile is a run
+// of one channel's packs (lanes_c = 1); an interleaved tile is `rows` rows of
+// lanes_c packs of channels. packs == 0: the multi-pass kernels instead.
+struct Resident {
+  int packs;       // one of kResidentPacks, or 0
+  int lanes_c;     // lanes across channels: 1 (planar), else a power of two up to 32
+  int64_t tiles;   // tiles per channel group (a channel, when planar): partial results per channel
+  int64_t blocks;  // the grid: every tile's warp, and at least one warp per channel while the GPU holds them
+};
+
+// The packs per lane the single-pass kernels are compiled for, and their warps per block.
+inline constexpr int kResidentPacks[] = {2, 8};
+inline constexpr int kResidentWarps = 8;
+
 // One layer's eager training or eval step for one input signature: the
 // launch geometry, the settings and where each per-channel array lives in
 // the step's two scratch buffers (fp32 offsets), all fixed when the plan is
@@ -102,10 +119,13 @@ struct StepPlan {
   bool batch_stats;      // batch statistics, else the running ones
   bool update_running;   // move the running statistics, in place
   int64_t pilot_stride;  // x[c * pilot_stride] is channel c's first value
-  // Forward scratch: statistics partials, mean, invstd, aux.
-  int64_t fwd_partials, fwd_mean, fwd_invstd, fwd_aux;
+  // Forward scratch: statistics partials, mean, invstd, aux, the effective weights W.
+  int64_t fwd_partials, fwd_mean, fwd_invstd, fwd_aux, fwd_weight;
   // Backward scratch: gradient partials, dW and dB, dx coefficients, target gradients.
   int64_t bwd_partials, bwd_grad_affine, bwd_coef, bwd_grad_target;
+  // The single-pass geometry of each pass; a pass whose packs are 0, or whose
+  // tensors are not 16-byte aligned, runs the multi-pass kernels.
+  Resident fwd_resident, bwd_resident;
 };
 
 // The forward of a plan: statistics (when batch_stats), finalise, apply into out.
@@ -118,6 +138,21 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
 cudaError_t launch_step_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
                                  const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream);
 
+// The single-pass forward and backward of a plan (one cooperative launch
+// each), as launch_step_forward and launch_step_backward call them when the
+// plan's Resident geometry has packs.
+cudaError_t launch_resident_forward(const StepPlan& plan, const void* x, void* out, float* scratch,
+                                    const float* gamma_s, const float* beta_s, const float* gamma_t,
+                                    const float* beta_t, float* running_mean, float* running_var, int* status,
+                                    cudaStream_t stream);
+cudaError_t launch_resident_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
+                                     const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream);
+
+// How many blocks of a single-pass kernel GPU `device` holds at once (the
+// occupancy of the compiled variant times the multiprocessors) into *blocks;
+// the host emulator holds emulator::kResidentBlocks.
+cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool backward, int device, int* blocks);
+
 }  // namespace acnorm
 
 namespace acnorm {
@@ -129,6 +164,10 @@ int compiled_archs(int* out, int capacity);
 #ifdef ACNORM_EMULATE
 // Kernel launches the host emulator has run in this process.
 long long emulated_launches();
+// Bytes the emulated kernels read in [address, address + size) from the call
+// of watch_reads on (what the audit counts of x).
+void watch_reads(std::uintptr_t address, std::uintptr_t size);
+long long watched_reads();
 #endif
 
 }  // namespace acnorm

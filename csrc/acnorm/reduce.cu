@@ -34,7 +34,7 @@ __device__ __forceinline__ ChannelConstants channel_constants(const T* x, const 
     k.hi = aux[kCentreHi * C + channel];
     k.lo = aux[kCentreLo * C + channel];
   } else {
-    k.pilot = to_float(x[pilot_offset]);
+    k.pilot = read_value(x + pilot_offset);
   }
   return k;
 }

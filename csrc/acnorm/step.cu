@@ -1,6 +1,8 @@
 // A layer's whole forward or backward for one input signature, from its
-// StepPlan: the passes of the multi-pass algorithm launched back to back, so
-// that the Python side makes one call per pass instead of one per kernel.
+// StepPlan: the single-pass kernel when the plan has a Resident geometry for
+// the pass and the tensors allow 16-byte packs, else the passes of the
+// multi-pass algorithm back to back; either way the Python side makes one
+// call per pass.
 
 #include "common.cuh"
 
@@ -10,6 +12,9 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
                                 const float* gamma_s, const float* beta_s, const float* gamma_t,
                                 const float* beta_t, float* running_mean, float* running_var, int* status,
                                 cudaStream_t stream) {
+  if (plan.fwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(out))
+    return launch_resident_forward(plan, x, out, scratch, gamma_s, beta_s, gamma_t, beta_t, running_mean,
+                                   running_var, status, stream);
   const Geometry& geo = plan.geo;
   float* partials = scratch + plan.fwd_partials;
   float* aux = scratch + plan.fwd_aux;
@@ -34,6 +39,8 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
 
 cudaError_t launch_step_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
                                  const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream) {
+  if (plan.bwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx))
+    return launch_resident_backward(plan, x, dy, dx, fwd_scratch, bwd_scratch, stream);
   const Geometry& geo = plan.geo;
   const float* aux = fwd_scratch + plan.fwd_aux;
   float* partials = bwd_scratch + plan.bwd_partials;
