@@ -51,6 +51,9 @@ GRAPH_LAYERS = ("acnorm", "batchnorm")
 # units of the element size: the forward reads x twice and writes y (3); the
 # backward reads x and dy for the sums, again for dx, and writes dx (5).
 MIN_STEP_TRAFFIC = 3 + 5
+# The same of the CUDA backend's single pass, per pass: the forward reads x
+# once and writes y (2); the backward reads x and dy once, writes dx (3).
+SINGLE_PASS_TRAFFIC = {"forward": 2, "backward": 3}
 
 
 @dataclass
@@ -68,6 +71,10 @@ class Result:
     # GPU only: the step of ``GRAPH_LAYERS`` replayed from a CUDA graph, the GPU's
     # own time without the host's (the same as the samples on graph-timed rows).
     graph_step_ms: dict[str, float] = field(default_factory=dict)
+    # The fused layer's passes (see fused_passes) and the fewest bytes per
+    # element and byte of element size its step moves.
+    passes: str = "multi"
+    min_traffic: int = MIN_STEP_TRAFFIC
 
     @property
     def times_ms(self) -> dict[str, float]:
@@ -88,7 +95,7 @@ class Result:
         """Bytes of the minimal fused step over ``step_ms``, against the copy bandwidth."""
         # A copy moves 2 bytes per element and byte of element size.
         assert self.copy_ms is not None  # the callers check it
-        return (MIN_STEP_TRAFFIC / 2) * self.copy_ms / step_ms
+        return (self.min_traffic / 2) * self.copy_ms / step_ms
 
     def bandwidth_fraction(self, name: str = "acnorm") -> float:
         """Bytes of the minimal fused step over layer ``name``'s step time, against
@@ -138,6 +145,18 @@ def other_kernel_backends(x: torch.Tensor) -> list[str]:
     to be timed beside it."""
     picked = resolve_backend("auto", x, "acnorm bench")
     return [b for b in KERNEL_BACKENDS if b != picked and b in available_backends()]
+
+
+def fused_passes(layer: nn.Module) -> tuple[str, int]:
+    """How a planned fused layer runs its training step: ``"single"`` (the CUDA
+    backend's single pass, forward and backward), ``"single fwd"`` or
+    ``"single bwd"`` (one of them), or ``"multi"``; and the fewest bytes per
+    element and byte of element size that step moves."""
+    plans = [plan for key, plan in layer.__dict__.get("_plans", {}).items() if key[-1]]
+    fwd, bwd = (r is not None for r in getattr(plans[0].launches, "resident", (None, None))) if plans \
+        else (False, False)
+    label = {(True, True): "single", (True, False): "single fwd", (False, True): "single bwd"}.get((fwd, bwd), "multi")
+    return label, (SINGLE_PASS_TRAFFIC["forward"] if fwd else 3) + (SINGLE_PASS_TRAFFIC["backward"] if bwd else 5)
 
 
 def make_layers(channels: int, device: torch.device, seed: int = 0,
@@ -209,6 +228,7 @@ def run_case_cuda(case: Case, device: torch.device, rounds: int, rep_ms: int, co
             return triton.testing.do_bench(fn, warmup=max(rep_ms // 4, 1), rep=rep_ms, return_mode="median")
 
     result = Result(case, backend=backend, timer="do_bench_cudagraph" if graph else "do_bench, L2 flushed")
+    result.passes, result.min_traffic = fused_passes(layers["acnorm"])
     result.samples_ms = {name: [] for name in steps}
     result.forward_samples_ms = {name: [] for name in forwards}
     for _ in range(rounds):
@@ -297,17 +317,20 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
         "acnorm_fused with backend=auto; `acnorm-<backend>`, the other kernel backend, "
         "timed beside it; `bn`, nn.BatchNorm3d. Times are medians in ms "
         "(timer per row: do_bench with the L2 flushed, or do_bench_cudagraph for "
-        "launch-bound inputs). `% copy bw`: the bytes of a minimal fused step "
-        f"({MIN_STEP_TRAFFIC} per element and byte of element size) over its time, against "
+        "launch-bound inputs). `passes`: the fused step's kernels, the CUDA backend's single "
+        "pass (`single`: x read once each way) or the multi-pass kernels. `% copy bw`: the "
+        f"bytes of a minimal fused step of those passes ({MIN_STEP_TRAFFIC} per element and byte "
+        "of element size multi-pass, "
+        f"{sum(SINGLE_PASS_TRAFFIC.values())} single) over its time, against "
         "a device-to-device copy of x timed in the same run. `graph`: the step replayed "
         "from a CUDA graph (L2 not flushed), the GPU's time without the host's. Memory: "
         "peak allocated during the step.",
         "",
-        "| shape | dtype | layout | backend | timer | fwd ref | fwd compiled | fwd acnorm | fwd bn "
+        "| shape | dtype | layout | backend | passes | timer | fwd ref | fwd compiled | fwd acnorm | fwd bn "
         "| step ref | step compiled | step acnorm | step bn | ref / acnorm | compiled / acnorm "
         "| acnorm / bn | fwd acnorm / bn | % copy bw | peak mem acnorm / bn "
         "| graph acnorm | graph bn | graph acnorm / bn | graph % copy bw ",
-        "|---|---|---|---|---|" + "---:|" * 19,
+        "|---|---|---|---|---|---|" + "---:|" * 19,
     ]
     others = sorted({name for r in results for name in r.other_kernels})
     for name in others:
@@ -321,7 +344,7 @@ def _gpu_table(results: Sequence[Result]) -> list[str]:
             f"| {100 * r.bandwidth_fraction(name):.0f} " for name in others)
         lines.append(
             f"| {'x'.join(map(str, r.case.shape))} | {r.case.dtype} | {r.case.layout} | {r.backend} "
-            f"| {r.timer} | {_ms(f, 'reference')} | {_ms(f, 'compiled')} | {_ms(f, 'acnorm')} "
+            f"| {r.passes} | {r.timer} | {_ms(f, 'reference')} | {_ms(f, 'compiled')} | {_ms(f, 'acnorm')} "
             f"| {_ms(f, 'batchnorm')} | {_ms(t, 'reference')} | {_ms(t, 'compiled')} "
             f"| {_ms(t, 'acnorm')} | {_ms(t, 'batchnorm')} | {r.reference_over_acnorm:.2f} "
             f"| {r.ratio('compiled', 'acnorm'):.2f} | {r.acnorm_over_batchnorm:.2f} "
