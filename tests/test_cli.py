@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -69,13 +70,20 @@ def test_gpu_table_reports_the_bars_from_paired_samples():
     result.forward_samples_ms = {"reference": [1.0, 1.0], "acnorm": [0.25, 0.25], "batchnorm": [1.0, 1.0]}
     result.copy_ms = 0.375  # 2 bytes per element in 0.375 ms; a minimal step moves 8 in 1.5 ms
     result.peak_bytes = {"acnorm": 100, "batchnorm": 100}
-    table = layer.to_markdown([result], "a GPU")
+    # The CUDA backend's single pass moves 5 bytes per element and byte, not 8.
+    single = copy.deepcopy(result)
+    single.case = Case((2, 32, 4, 4, 4), "bfloat16")
+    single.passes, single.min_traffic, single.copy_ms = "single", 5, 0.6
+    table = layer.to_markdown([result, single], "a GPU")
     row = next(line for line in table.splitlines() if line.startswith("| 2x32x8x8x8"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[4] == "do_bench, L2 flushed"
-    assert cells[6] == "-", "a layer that was not timed shows a dash"
-    assert cells[13:19] == ["3.00", "1.50", "0.50", "0.25", "100", "1.000"]
-    assert cells[19:] == ["-", "-", "nan", "nan"], "no graph timing given"
+    assert cells[4:6] == ["multi", "do_bench, L2 flushed"]
+    assert cells[7] == "-", "a layer that was not timed shows a dash"
+    assert cells[14:20] == ["3.00", "1.50", "0.50", "0.25", "100", "1.000"]
+    assert cells[20:] == ["-", "-", "nan", "nan"], "no graph timing given"
+    row = next(line for line in table.splitlines() if line.startswith("| 2x32x4x4x4"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == "single" and cells[18] == "100"
     data = json.loads(layer.to_json([result], "a GPU"))["results"][0]["ratios"]
     assert data["compiled_over_acnorm"] == pytest.approx(1.5)
     assert data["copy_bandwidth_fraction"] == pytest.approx(1.0)

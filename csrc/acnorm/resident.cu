@@ -71,21 +71,24 @@ struct BackwardArgs {
 template <bool PLANAR, int W, int PACKS>
 struct Team {
   static constexpr int kSlots = PLANAR ? 1 : W;
+  // 32-bit indices: covers() admits inputs of fewer than 2^31 elements, and
+  // every register counts while the tiles are held.
   int lane, lanes_c, lane_c, lane_r, lanes_r;
-  int64_t group, tile, tiles, n, c, s, first;
+  int group, tile, tiles, n, c, s, first;
   bool holds;   // the warp holds a tile of x (warp-uniform)
   bool active;  // the lane's channels exist
   int valid;    // packs the lane holds (the first `valid` of PACKS)
 
   __device__ Team(int64_t n_, int64_t c_, int64_t s_, int64_t tiles_, int lanes_c_)
       : lane(static_cast<int>(threadIdx.x) % kWarpSize), lanes_c(lanes_c_), lane_c(lane % lanes_c_),
-        lane_r(lane / lanes_c_), lanes_r(kWarpSize / lanes_c_), tiles(tiles_), n(n_), c(c_), s(s_) {
-    const int64_t team = static_cast<int64_t>(blockIdx.x) * kTeamsPerBlock + threadIdx.x / kWarpSize;
-    const int64_t groups = PLANAR ? c : ceil_div(c, static_cast<int64_t>(lanes_c_) * W);
+        lane_r(lane / lanes_c_), lanes_r(kWarpSize / lanes_c_), tiles(static_cast<int>(tiles_)),
+        n(static_cast<int>(n_)), c(static_cast<int>(c_)), s(static_cast<int>(s_)) {
+    const int team = static_cast<int>(blockIdx.x) * kTeamsPerBlock + static_cast<int>(threadIdx.x) / kWarpSize;
+    const int groups = PLANAR ? c : (c + lanes_c * W - 1) / (lanes_c * W);
     group = team / tiles;
     tile = team - group * tiles;
     holds = group < groups;
-    first = PLANAR ? group : (group * lanes_c_ + lane_c) * W;
+    first = PLANAR ? group : (group * lanes_c + lane_c) * W;
     active = holds && first < c;
     valid = 0;
     if (active)
@@ -93,21 +96,21 @@ struct Team {
   }
 
   // Element offset of the lane's pack k, or -1 past the end of its channels' data.
-  __device__ int64_t offset(int k) const {
+  __device__ int offset(int k) const {
     if (PLANAR) {
       // Packs of a channel in order: n runs of s / W packs each.
-      const int64_t q = (tile * PACKS + k) * kWarpSize + lane;
-      const int64_t row_packs = s / W;
+      const int q = (tile * PACKS + k) * kWarpSize + lane;
+      const int row_packs = s / W;
       if (q >= n * row_packs) return -1;
-      const int64_t sample = q / row_packs;
+      const int sample = q / row_packs;
       return (sample * c + group) * s + (q - sample * row_packs) * W;
     }
-    const int64_t row = (tile * PACKS + k) * lanes_r + lane_r;
+    const int row = (tile * PACKS + k) * lanes_r + lane_r;
     return row < n * s ? row * c + first : -1;
   }
 
   // The channel of slot j, and of element i of a pack.
-  __device__ int64_t channel(int j) const { return first + j; }
+  __device__ int channel(int j) const { return first + j; }
   static __device__ int slot(int i) { return PLANAR ? 0 : i; }
 
   // Whether this lane writes the per-channel results of its slots.
@@ -143,6 +146,24 @@ struct Team {
     return v;
   }
 };
+
+// Makes the compiler forget what it knows of a held pack's values, so that
+// code after a grid barrier converts them from their storage type again
+// instead of keeping every value converted to fp32 across the barrier (twice
+// the registers for fp16 and bf16).
+template <typename T, int W, int PACKS>
+__device__ __forceinline__ void forget(Pack<T, W> (&held)[PACKS]) {
+#ifndef ACNORM_EMULATE
+#pragma unroll
+  for (int k = 0; k < PACKS; ++k) {
+    auto* words = reinterpret_cast<unsigned*>(&held[k]);
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(Pack<T, W>) / 4); ++i) asm volatile("" : "+r"(words[i]));
+  }
+#else
+  (void)held;
+#endif
+}
 
 // The warps of the whole grid, for work spread over channels.
 __device__ __forceinline__ int64_t grid_warp() {
@@ -215,6 +236,7 @@ __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardAr
 
   grid_sync();
   if (!team.holds) return;
+  forget(held);
 
   // A refused call (non-finite affines) leaves the running statistics as they were.
   const bool refused = a.status != nullptr && *a.status != 0;
@@ -267,8 +289,11 @@ __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardAr
     }
 }
 
+// Two blocks per multiprocessor for the planar 8-pack variant: it fits 128
+// registers without spilling on sm_90, and the deep stages of a 3D U-Net
+// (e.g. (2, 256, 16^3) fp32, 256 blocks) need twice an H100's 132.
 template <typename T, bool PLANAR, int PACKS>
-__global__ void __launch_bounds__(kThreads, 1) resident_backward_kernel(BackwardArgs a) {
+__global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) resident_backward_kernel(BackwardArgs a) {
   constexpr int W = pack_width<T>();
   using Lanes = Team<PLANAR, W, PACKS>;
   constexpr int kSlots = Lanes::kSlots;
@@ -316,6 +341,8 @@ __global__ void __launch_bounds__(kThreads, 1) resident_backward_kernel(Backward
 
   grid_sync();
   if (team.holds) {
+    forget(held_x);
+    forget(held_dy);
     float p[kSlots], q[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
@@ -393,7 +420,8 @@ cudaError_t dispatch_variant(DType dtype, bool planar, int packs, F&& f) {
 // Whether a plan's Resident geometry covers its input exactly as the kernels
 // walk it: whole packs, every pack in one tile, every tile in the grid.
 bool covers(const Geometry& geo, const Resident& r, int width) {
-  if (r.tiles < 1 || r.blocks < 1 || r.blocks > 0x7fffffff) return false;
+  if (r.tiles < 1 || r.blocks < 1 || r.blocks * kTeamsPerBlock > 0x7fffffff) return false;
+  if (geo.n * geo.c * geo.s > 0x7fffffff) return false;  // the Team's 32-bit indices
   const int64_t per_tile = static_cast<int64_t>(kWarpSize) * r.packs;  // packs (planar) or rows * lanes_c
   int64_t items, groups;
   if (geo.planar) {
