@@ -14,6 +14,7 @@ import torch
 
 import acnorm_fused as acn
 from acnorm_fused.bench.cases import GPU_CHANNELS_LAST_SHAPES, GPU_SHAPES
+from acnorm_fused.bench.layer import fused_passes
 from acnorm_fused.correlation import effective_affine
 from acnorm_fused.functional import effective_momentum
 
@@ -216,13 +217,17 @@ def test_cuda_on_a_non_default_stream(cuda_kernels):
     layer = make_layer(acn.ACNorm3d, 16, seed=42, backend="cuda").cuda()
     x = random_input((2, 16, 20, 20, 20), 43).cuda()
     grad = random_input(x.shape, 44).cuda()
-    expected = _train_step(copy.deepcopy(layer), x, grad)
+    expected_layer = copy.deepcopy(layer)
+    expected = _train_step(expected_layer, x, grad)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         x_side = x * 1.0  # produced on the side stream, consumed there at once
         got = _train_step(layer, x_side, grad)
+        got = _train_step(layer, x_side, grad)  # planned: the single pass's cooperative launches
     torch.cuda.current_stream().wait_stream(side)
+    assert fused_passes(layer)[0] == "single"
+    expected = _train_step(copy.deepcopy(expected_layer), x, grad)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b)
 
@@ -266,11 +271,45 @@ def test_kernels_under_cuda_graph_capture(backend, kernels):
         static_out.backward(grad)
     graph.replay()
     torch.cuda.synchronize()
+    if backend == "cuda":
+        assert fused_passes(layer)[0] == "single", "the captured step is the single pass's two launches"
     expected = _train_step(eager, x, grad)
     _, _, _ = _train_step(warm, x, grad)  # the warm-up step moved the running statistics once
     torch.testing.assert_close(static_out, expected[0])
     torch.testing.assert_close(static_x.grad, expected[1])
     torch.testing.assert_close(layer.running_mean, warm.running_mean)
+
+
+@pytest.mark.xdist_group("gpu_memory")
+@pytest.mark.parametrize("shape,dtype", [((2, 320, 8, 8, 8), torch.float32), ((2, 256, 16, 16, 16), torch.bfloat16),
+                                         ((2, 256, 16, 16, 16), torch.float32)], ids=str)
+def test_cuda_single_pass_on_the_deep_stages(shape, dtype, cuda_kernels):
+    """The deep stages of a 3D U-Net fit the GPU: a planned training step is the
+    single pass forward and backward (as the registers the variants take on
+    sm_90 predict for an H100 or H200), equal to the multi-pass step within
+    BatchNorm's tolerance."""
+    from acnorm_fused.backends import cuda as cuda_backend
+
+    if torch.cuda.get_device_properties(0).multi_processor_count < 132:
+        pytest.skip("the prediction is for 132 multiprocessors (H100 SXM, H200)")
+    layer = make_layer(acn.ACNorm3d, shape[1], seed=51, backend="cuda", activation="relu").cuda()
+    multi = copy.deepcopy(layer)
+    x = random_input(shape, 52).cuda().to(dtype)
+    grad = random_input(shape, 53).cuda().to(dtype)
+    for _ in range(2):  # the second step runs the plan
+        got = _train_step(layer, x, grad)
+    assert fused_passes(layer)[0] == "single", [cuda_backend.resident_capacity.cache_info()]
+    original = cuda_backend.resident_capacity
+    cuda_backend.resident_capacity = lambda *args: 0
+    try:
+        for _ in range(2):
+            expected = _train_step(multi, x, grad)
+    finally:
+        cuda_backend.resident_capacity = original
+    assert fused_passes(multi)[0] == "multi"
+    rel = 1e-5 if dtype == torch.float32 else 1e-2
+    for a, b in zip(got, expected):
+        _assert_relative(a.float(), b.float(), 10 * rel)
 
 
 def test_compiled_module_holds_this_gpus_code(cuda_kernels):

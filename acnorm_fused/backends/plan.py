@@ -19,12 +19,14 @@ the settings fixed, past the checks and the custom op's layers):
   fixed offset;
 - :class:`PlannedStep` is an autograd Function of the three differentiable
   tensors that saves x alone (the forward's scratch rides on the context);
-- the finalise kernel moves the running statistics in place and checks the
-  four affines for NaN and infinity on its way (a status word): on a CPU the
-  call raises at once, before the counter moves, and the kernel has left the
-  running statistics alone; on a GPU the word is copied to pinned memory and
-  read by the layer's next call, which raises, as the general path's
-  deferred check does.
+- on the ``cuda`` backend each pass is the single-pass kernel where the GPU
+  holds the layer (:func:`.cuda.single_pass`), else the multi-pass kernels;
+- the finalise kernel (or the single pass) moves the running statistics in
+  place and checks the four affines for NaN and infinity on its way (a
+  status word): on a CPU the call raises at once, before the counter moves,
+  and the kernel has left the running statistics alone; on a GPU the word is
+  copied to pinned memory and read by the layer's next call, which raises,
+  as the general path's deferred check does.
 
 Anything a plan does not cover takes the general path. A layer drops its
 plans when any of its attributes is set (settings, parameters) and a plan

@@ -135,7 +135,8 @@ class _OperatorCounter(TorchDispatchMode):
 class NoOpLaunches:
     """A compiled kernel module whose launches return at once: everything else
     (its types, constants) is the module's own. It reports itself as the host
-    emulation, so that the ``cuda`` backend runs CPU tensors through it."""
+    emulation, so that the ``cuda`` backend runs CPU tensors through it, and a
+    GPU that holds every layer in one pass (:data:`STAND_IN_CAPACITY`)."""
 
     emulated = True
 
@@ -146,6 +147,16 @@ class NoOpLaunches:
 
     def __getattr__(self, name: str):
         return getattr(self._module, name)
+
+    @staticmethod
+    def resident_capacity(*_args) -> int:
+        return STAND_IN_CAPACITY
+
+
+# Blocks of the single-pass kernels the stand-in's GPU holds: as many as any
+# measured layer needs, so its plans take the single pass (one module call
+# per pass either way; the host's path is the same).
+STAND_IN_CAPACITY = 1 << 20
 
 
 def _no_launch(*_args) -> None:

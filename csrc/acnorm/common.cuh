@@ -224,8 +224,9 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t strea
 
 // Launches kernel as a cooperative launch, all of whose blocks are resident
 // at once, so that they may wait for each other at grid_sync(); the launch
-// fails (cudaErrorCooperativeLaunchTooLarge) rather than hang when the grid
-// exceeds what the GPU holds. Stream-ordered and capturable in a CUDA graph.
+// is refused (cudaErrorCooperativeLaunchTooLarge, returned and cleared, and
+// nothing runs) rather than hang when the grid exceeds what the GPU holds.
+// Stream-ordered and capturable in a CUDA graph.
 template <typename... Params, typename... Args>
 cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream,
                                Args&&... args) {
@@ -244,7 +245,9 @@ cudaError_t launch_cooperative(void (*kernel)(Params...), dim3 grid, dim3 block,
   config.stream = stream;
   config.attrs = &cooperative;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // returned here, not again by the next launch's check
+  return err;
 #endif
 }
 

@@ -192,15 +192,15 @@ inline void run_fibers(Fibers& state, const std::vector<uint3>& blocks, dim3 blo
 // A launch: block after block, or (cooperative) every block at once, which
 // fails as a GPU's launch does when the grid exceeds kResidentBlocks.
 inline void run(dim3 grid, dim3 block, const std::function<void()>& body, bool cooperative = false) {
-  ++launches;
   std::vector<uint3> blocks;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) blocks.push_back(make_uint3(x, y, z));
   if (cooperative && blocks.size() > static_cast<size_t>(kResidentBlocks)) {
     if (pending_error == cudaSuccess) pending_error = cudaErrorCooperativeLaunchTooLarge;
-    return;
+    return;  // refused: nothing ran
   }
+  ++launches;
   Fibers state;
   state.body = &body;
   state.cooperative = cooperative;

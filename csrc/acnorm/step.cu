@@ -12,9 +12,13 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
                                 const float* gamma_s, const float* beta_s, const float* gamma_t,
                                 const float* beta_t, float* running_mean, float* running_var, int* status,
                                 cudaStream_t stream) {
-  if (plan.fwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(out))
-    return launch_resident_forward(plan, x, out, scratch, gamma_s, beta_s, gamma_t, beta_t, running_mean,
-                                   running_var, status, stream);
+  if (plan.fwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(out)) {
+    const cudaError_t err = launch_resident_forward(plan, x, out, scratch, gamma_s, beta_s, gamma_t, beta_t,
+                                                    running_mean, running_var, status, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) return err;
+    // The GPU holds fewer blocks now than its occupancy said when the plan was
+    // built (MPS limits, a partitioned GPU): nothing ran, the passes below do.
+  }
   const Geometry& geo = plan.geo;
   float* partials = scratch + plan.fwd_partials;
   float* aux = scratch + plan.fwd_aux;
@@ -39,8 +43,10 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
 
 cudaError_t launch_step_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
                                  const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream) {
-  if (plan.bwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx))
-    return launch_resident_backward(plan, x, dy, dx, fwd_scratch, bwd_scratch, stream);
+  if (plan.bwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx)) {
+    const cudaError_t err = launch_resident_backward(plan, x, dy, dx, fwd_scratch, bwd_scratch, stream);
+    if (err != cudaErrorCooperativeLaunchTooLarge) return err;  // as in the forward
+  }
   const Geometry& geo = plan.geo;
   const float* aux = fwd_scratch + plan.fwd_aux;
   float* partials = bwd_scratch + plan.bwd_partials;
