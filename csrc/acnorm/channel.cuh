@@ -1,6 +1,7 @@
-// Per-channel steps that the finalise kernels and the single-pass kernels
+// Per-channel steps that the finalise, elementwise and single-pass kernels
 // share: a row of the correlation S with the effective affine it gives, a
-// column of (I + S)^T, the running statistics' move and the coefficients of dx.
+// column of (I + S)^T, the running statistics' move, the coefficients of dx,
+// and y or dx of one value.
 #pragma once
 
 #include "common.cuh"
@@ -108,6 +109,23 @@ __device__ __forceinline__ float2 dx_coefficients(float sum_dy, float sum_dy_xmu
   // the means over every value the statistics cover.
   if (!batch_stats) return make_float2(0.f, 0.f);
   return make_float2(-scale * invstd * invstd * sum_dy_xmu / count, -scale * sum_dy / count);
+}
+
+// A channel's constants in the passes that write y or dx: the scale W * invstd,
+// B, the centre hi + lo, and dx's coefficients p and q.
+struct ChannelCoefficients {
+  float scale, bias, hi, lo, p, q;
+};
+
+// y = act(pre), pre = ((x - hi) - lo) * scale + B; or (GRAD)
+// dx = scale * act'(pre) * dy + p * ((x - hi) - lo) + q.
+template <bool GRAD>
+__device__ __forceinline__ float apply_one(float x, float dy, const ChannelCoefficients& k, int act,
+                                           float slope) {
+  const float centred = (x - k.hi) - k.lo;
+  const float pre = centred * k.scale + k.bias;
+  if (GRAD) return k.scale * activation_grad(dy, pre, act, slope) + k.p * centred + k.q;
+  return activate(pre, act, slope);
 }
 
 }  // namespace acnorm

@@ -5,7 +5,7 @@
 // Blocks run in reverse order of the reduction pass that precedes them, so
 // the first tiles they touch are the last the reduction read, still in L2.
 
-#include "common.cuh"
+#include "channel.cuh"
 
 namespace acnorm {
 namespace {
@@ -14,10 +14,6 @@ namespace {
 constexpr int kPlanarPacksPerThread = 4;
 // Rows a thread of the interleaved kernel handles per block.
 constexpr int kInterleavedRowsPerThread = 4;
-
-struct ChannelCoefficients {
-  float scale, bias, hi, lo, p, q;
-};
 
 template <bool GRAD>
 __device__ __forceinline__ ChannelCoefficients coefficients(const float* aux, const float* coef, int64_t C,
@@ -30,15 +26,6 @@ __device__ __forceinline__ ChannelCoefficients coefficients(const float* aux, co
   k.p = GRAD ? coef[channel] : 0.f;
   k.q = GRAD ? coef[C + channel] : 0.f;
   return k;
-}
-
-template <bool GRAD>
-__device__ __forceinline__ float apply_one(float x, float dy, const ChannelCoefficients& k, int act,
-                                           float slope) {
-  const float centred = (x - k.hi) - k.lo;
-  const float pre = centred * k.scale + k.bias;
-  if (GRAD) return k.scale * activation_grad(dy, pre, act, slope) + k.p * centred + k.q;
-  return activate(pre, act, slope);
 }
 
 // One block per tile of `tile` positions (at most kPlanarPacksPerThread packs

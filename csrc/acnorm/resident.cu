@@ -135,6 +135,22 @@ struct Team {
       if (k < valid) held[k] = read_pack<T, W>(p + offset(k));
   }
 
+  // y (or, GRAD, dx) of the held tile into out, with each slot's constants.
+  template <bool GRAD, typename T>
+  __device__ void store(T* out, const Pack<T, W> (&x)[PACKS], const Pack<T, W> (&dy)[PACKS],
+                        const ChannelCoefficients (&k)[kSlots], int act, float slope) const {
+#pragma unroll
+    for (int p = 0; p < PACKS; ++p)
+      if (p < valid) {
+        float result[W];
+#pragma unroll
+        for (int i = 0; i < W; ++i)
+          result[i] = apply_one<GRAD>(to_float(x[p].v[i]), GRAD ? to_float(dy[p].v[i]) : 0.f, k[slot(i)], act,
+                                      slope);
+        store_pack<T, W>(out + offset(p), result);
+      }
+  }
+
   // Merged over the lanes that hold the same channels (all of them, when
   // planar), in a fixed butterfly order; valid in the lanes that report.
   __device__ Moments across_rows(Moments m) const {
@@ -240,10 +256,10 @@ __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardAr
 
   // A refused call (non-finite affines) leaves the running statistics as they were.
   const bool refused = a.status != nullptr && *a.status != 0;
-  float hi[kSlots], lo[kSlots], scale[kSlots], shift[kSlots];
+  ChannelCoefficients k[kSlots];
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
-    hi[j] = lo[j] = scale[j] = shift[j] = 0.f;
+    k[j] = ChannelCoefficients{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     if (!team.active) continue;
     const int64_t ch = team.channel(j);
     float var;
@@ -253,40 +269,29 @@ __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardAr
       Moments m{0.f, 0.f, 0.f};
       for (int64_t t = 0; t < a.tiles; ++t)
         m = merge(m, Moments{part[t], (centre[t] - centre[0]) + part[plane + t], part[2 * plane + t]});
-      hi[j] = centre[0];
-      lo[j] = m.mean;
+      k[j].hi = centre[0];
+      k[j].lo = m.mean;
       var = m.m2 / a.count;
     } else {
-      hi[j] = a.running_mean[ch];
+      k[j].hi = a.running_mean[ch];
       var = a.running_var[ch];
     }
     const float invstd = 1.f / sqrtf(var + a.eps);
-    scale[j] = a.weight[ch] * invstd;
-    shift[j] = a.aux[kShiftB * C + ch];
+    k[j].scale = a.weight[ch] * invstd;
+    k[j].bias = a.aux[kShiftB * C + ch];
     if (team.owner()) {
-      const float mean = hi[j] + lo[j];
+      const float mean = k[j].hi + k[j].lo;
       if (a.update_running && !refused)
         move_running(a.running_mean, a.running_var, a.running_mean, a.running_var, ch, mean, var, a.count,
                      a.momentum);
       a.mean[ch] = mean;
       a.invstd[ch] = invstd;
-      a.aux[kScale * C + ch] = scale[j];
-      a.aux[kCentreHi * C + ch] = hi[j];
-      a.aux[kCentreLo * C + ch] = lo[j];
+      a.aux[kScale * C + ch] = k[j].scale;
+      a.aux[kCentreHi * C + ch] = k[j].hi;
+      a.aux[kCentreLo * C + ch] = k[j].lo;
     }
   }
-  T* out = static_cast<T*>(a.out);
-#pragma unroll
-  for (int k = 0; k < PACKS; ++k)
-    if (k < team.valid) {
-      float y[W];
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        const int j = Lanes::slot(i);
-        y[i] = activate(((to_float(held[k].v[i]) - hi[j]) - lo[j]) * scale[j] + shift[j], a.activation, a.slope);
-      }
-      store_pack<T, W>(out + team.offset(k), y);
-    }
+  team.template store<false>(static_cast<T*>(a.out), held, held, k, a.activation, a.slope);
 }
 
 // Two blocks per multiprocessor for the planar 8-pack variant: it fits 128
@@ -303,28 +308,30 @@ __global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) reside
   team.load(static_cast<const T*>(a.x), held_x);
   team.load(static_cast<const T*>(a.dy), held_dy);
 
-  float scale[kSlots], shift[kSlots], hi[kSlots], lo[kSlots], sum_dy[kSlots], sum_dy_xmu[kSlots];
+  ChannelCoefficients k[kSlots];
+  float sum_dy[kSlots], sum_dy_xmu[kSlots];
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) {
-    scale[j] = shift[j] = hi[j] = lo[j] = sum_dy[j] = sum_dy_xmu[j] = 0.f;
+    k[j] = ChannelCoefficients{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    sum_dy[j] = sum_dy_xmu[j] = 0.f;
     if (!team.active) continue;
     const int64_t ch = team.channel(j);
-    scale[j] = a.aux[kScale * C + ch];
-    shift[j] = a.aux[kShiftB * C + ch];
-    hi[j] = a.aux[kCentreHi * C + ch];
-    lo[j] = a.aux[kCentreLo * C + ch];
+    k[j].scale = a.aux[kScale * C + ch];
+    k[j].bias = a.aux[kShiftB * C + ch];
+    k[j].hi = a.aux[kCentreHi * C + ch];
+    k[j].lo = a.aux[kCentreLo * C + ch];
   }
 #pragma unroll
-  for (int k = 0; k < PACKS; ++k)
-    if (k < team.valid) {
+  for (int p = 0; p < PACKS; ++p)
+    if (p < team.valid) {
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        const int j = Lanes::slot(i);
-        const float centred = (to_float(held_x[k].v[i]) - hi[j]) - lo[j];
-        const float g = activation_grad(to_float(held_dy[k].v[i]), centred * scale[j] + shift[j], a.activation,
+        const ChannelCoefficients& c = k[Lanes::slot(i)];
+        const float centred = (to_float(held_x[p].v[i]) - c.hi) - c.lo;
+        const float g = activation_grad(to_float(held_dy[p].v[i]), centred * c.scale + c.bias, a.activation,
                                         a.slope);
-        sum_dy[j] += g;
-        sum_dy_xmu[j] += g * centred;
+        sum_dy[Lanes::slot(i)] += g;
+        sum_dy_xmu[Lanes::slot(i)] += g * centred;
       }
     }
   const int64_t plane = C * a.tiles;
@@ -343,10 +350,8 @@ __global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) reside
   if (team.holds) {
     forget(held_x);
     forget(held_dy);
-    float p[kSlots], q[kSlots];
 #pragma unroll
     for (int j = 0; j < kSlots; ++j) {
-      p[j] = q[j] = 0.f;
       if (!team.active) continue;
       const int64_t ch = team.channel(j);
       const float* part = a.partials + ch * a.tiles;
@@ -356,30 +361,16 @@ __global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) reside
         s_dy_xmu += part[plane + t];
       }
       const float inv = a.invstd[ch];
-      const float2 pq = dx_coefficients(s_dy, s_dy_xmu, inv, scale[j], a.count, a.batch_stats);
-      p[j] = pq.x;
-      q[j] = pq.y;
+      const float2 pq = dx_coefficients(s_dy, s_dy_xmu, inv, k[j].scale, a.count, a.batch_stats);
+      k[j].p = pq.x;
+      k[j].q = pq.y;
       if (team.owner()) {
         a.grad_affine[ch] = s_dy_xmu * inv;
         a.grad_affine[C + ch] = s_dy;
       }
     }
-    T* dx = static_cast<T*>(a.dx);
-#pragma unroll
-    for (int k = 0; k < PACKS; ++k)
-      if (k < team.valid) {
-        float g[W];
-#pragma unroll
-        for (int i = 0; i < W; ++i) {
-          // The held dy through the activation's derivative again: cheaper than keeping it in fp32.
-          const int j = Lanes::slot(i);
-          const float centred = (to_float(held_x[k].v[i]) - hi[j]) - lo[j];
-          const float grad = activation_grad(to_float(held_dy[k].v[i]), centred * scale[j] + shift[j],
-                                             a.activation, a.slope);
-          g[i] = scale[j] * grad + p[j] * centred + q[j];
-        }
-        store_pack<T, W>(dx + team.offset(k), g);
-      }
+    // The held dy goes through the activation's derivative again: cheaper than keeping it in fp32.
+    team.template store<true>(static_cast<T*>(a.dx), held_x, held_dy, k, a.activation, a.slope);
   }
 
   grid_sync();
