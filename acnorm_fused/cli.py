@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .backends import available_backends, cuda_extension_status, resolve_backend
+from .backends import available_backends, cuda_extension, cuda_extension_status, resolve_backend
+from .backends.cuda import capacity_summary
 from .bench import commands
 from .correlation import compiled_windows_status
 
@@ -36,8 +37,13 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"numpy        {_module_version('numpy')}")
     print(f"backends     {', '.join(available_backends())}")
     if cuda:
+        module = cuda_extension()
         for index in range(torch.cuda.device_count()):
             print(f"device       cuda:{index} {torch.cuda.get_device_name(index)}")
+            if module is not None:
+                packs = " | ".join(map(str, module.RESIDENT_PACKS))
+                print(f"single pass  cuda:{index} holds blocks (forward/backward at {packs} packs per lane): "
+                      f"{capacity_summary(module, index)}")
         probe = torch.empty(0, device="cuda")
     else:
         print(f"device       cpu ({torch.get_num_threads()} threads), no CUDA device")

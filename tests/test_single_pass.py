@@ -237,3 +237,15 @@ def test_a_grid_the_gpu_cannot_hold_takes_the_multi_pass_kernels(module, monkeyp
     start = module.emulated_launches()
     model(x)
     assert module.emulated_launches() - start == 3
+
+
+def test_capacity_summary_names_every_variant(module):
+    """What ``acnorm info`` prints per GPU: each variant's blocks, forward/backward."""
+    summary = cuda_backend.capacity_summary(module, DEVICE.index if DEVICE.type == "cuda" else -1)
+    parts = summary.split(", ")
+    assert [p.rsplit(" ", 3)[0] for p in parts] == [
+        "float32 planar", "float32 channels-last", "bfloat16 planar", "bfloat16 channels-last"]
+    for part in parts:
+        held = part.split(" ", 2)[2].split(" | ")
+        assert len(held) == len(module.RESIDENT_PACKS)
+        assert all(int(n) > 0 for pair in held for n in pair.split("/"))

@@ -78,6 +78,20 @@ def single_pass(module, geo: Geometry, dtype: torch.dtype, index: int) -> tuple[
     return one(False), one(True)
 
 
+def capacity_summary(module, index: int) -> str:
+    """What GPU ``index`` holds of each single-pass variant, forward/backward
+    blocks at each compiled packs per lane, e.g.
+    ``fp32 planar 396/264 | 264/264, ...`` (what ``acnorm info`` prints)."""
+    parts = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for planar in (True, False):
+            held = " | ".join(
+                "/".join(str(resident_capacity(module, dtype, planar, packs, backward, index))
+                         for backward in (False, True)) for packs in module.RESIDENT_PACKS)
+            parts.append(f"{str(dtype).removeprefix('torch.')} {'planar' if planar else 'channels-last'} {held}")
+    return ", ".join(parts)
+
+
 def module_resident(module, resident: Resident | None):
     """The compiled module's copy of a single-pass geometry (packs 0 for none)."""
     if resident is None:
