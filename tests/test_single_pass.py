@@ -100,10 +100,20 @@ GRID = [
     ((2, 40, 3, 2, 2), "channels_last"),
     ((3, 8, 5, 7), "channels_last"),
 ]
+# Not in whole 16-byte packs: one element per pack (odd spatial sizes, odd
+# channel counts, one value per channel and sample).
+ODD = [
+    ((2, 3, 3, 3, 3), "contiguous"),
+    ((3, 5, 7, 9, 5), "contiguous"),
+    ((2, 5, 3, 3, 3), "channels_last"),
+    ((3, 6, 5, 7), "channels_last"),
+    ((4, 7, 1, 1), "channels_last"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape,layout", GRID, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+@pytest.mark.parametrize("shape,layout", GRID + ODD,
+                         ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
 def test_single_pass_matches_reference(module, shape, layout, dtype):
     layer = make_layer(LAYERS[len(shape)], shape[1], seed=len(shape), activation="leaky_relu",
                        negative_slope=0.2)
@@ -111,6 +121,8 @@ def test_single_pass_matches_reference(module, shape, layout, dtype):
     assert _passes(model) != (0, 0), "the single pass ran eval"
     model.train()
     assert all(_passes(model)), "the single pass ran training"
+    vector = (shape, layout) in GRID
+    assert all(r.vector == vector for r in _plan(model).launches.resident)
 
 
 @pytest.mark.parametrize("options", [{"activation": "relu"}, {"activation": None},
@@ -131,7 +143,7 @@ def test_large_mean_small_spread(module):
 
 
 def _capacity(blocks: int):
-    return lambda module, dtype, planar, packs, backward, index: blocks
+    return lambda module, dtype, planar, packs, vector, backward, index: blocks
 
 
 def _threshold(module, packs: int, shape, layout) -> int:
@@ -141,7 +153,7 @@ def _threshold(module, packs: int, shape, layout) -> int:
                                       else torch.contiguous_format)
     geo = launch.geometry(x)
     for blocks in range(1, 1 << 16):
-        if launch.resident_geometry(geo, 4, (packs,), module.RESIDENT_WARPS, lambda p, held=blocks: held):
+        if launch.resident_geometry(geo, 4, (packs,), module.RESIDENT_WARPS, lambda p, v, held=blocks: held):
             return blocks
     raise AssertionError("no capacity fits")
 

@@ -58,35 +58,37 @@ def module_geometry(module, geo: Geometry):
         block_c=geo.block_c)
 
 
-@functools.lru_cache(maxsize=64)
-def resident_capacity(module, dtype: torch.dtype, planar: bool, packs: int, backward: bool, index: int) -> int:
+@functools.lru_cache(maxsize=128)
+def resident_capacity(module, dtype: torch.dtype, planar: bool, packs: int, vector: bool, backward: bool,
+                      index: int) -> int:
     """Blocks of a single-pass kernel variant GPU ``index`` holds at once, as the
     compiled module's occupancy query gives them (asked once per variant)."""
-    return module.resident_capacity(_DTYPE_CODES[dtype], planar, packs, backward, index)
+    return module.resident_capacity(_DTYPE_CODES[dtype], planar, packs, vector, backward, index)
 
 
 def single_pass(module, geo: Geometry, dtype: torch.dtype, index: int) -> tuple[Resident | None, Resident | None]:
     """The single-pass geometry of a step's forward and backward on GPU
-    ``index``, each None where the GPU cannot hold the layer (or the input is
-    not in whole 16-byte packs): that pass runs the multi-pass kernels."""
+    ``index``, each None where the GPU cannot hold the layer: that pass runs
+    the multi-pass kernels."""
     element_size = torch.empty((), dtype=dtype).element_size()
 
     def one(backward: bool) -> Resident | None:
         return resident_geometry(geo, element_size, module.RESIDENT_PACKS, module.RESIDENT_WARPS,
-                                 lambda packs: resident_capacity(module, dtype, geo.planar, packs, backward, index))
+                                 lambda packs, vector: resident_capacity(module, dtype, geo.planar, packs, vector,
+                                                                         backward, index))
 
     return one(False), one(True)
 
 
 def capacity_summary(module, index: int) -> str:
-    """What GPU ``index`` holds of each single-pass variant, forward/backward
-    blocks at each compiled packs per lane, e.g.
+    """What GPU ``index`` holds of each single-pass variant of 16-byte packs,
+    forward/backward blocks at each compiled packs per lane, e.g.
     ``fp32 planar 396/264 | 264/264, ...`` (what ``acnorm info`` prints)."""
     parts = []
     for dtype in (torch.float32, torch.bfloat16):
         for planar in (True, False):
             held = " | ".join(
-                "/".join(str(resident_capacity(module, dtype, planar, packs, backward, index))
+                "/".join(str(resident_capacity(module, dtype, planar, packs, True, backward, index))
                          for backward in (False, True)) for packs in module.RESIDENT_PACKS)
             parts.append(f"{str(dtype).removeprefix('torch.')} {'planar' if planar else 'channels-last'} {held}")
     return ", ".join(parts)
@@ -95,9 +97,9 @@ def capacity_summary(module, index: int) -> str:
 def module_resident(module, resident: Resident | None):
     """The compiled module's copy of a single-pass geometry (packs 0 for none)."""
     if resident is None:
-        return module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1)
+        return module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1, vector=False)
     return module.Resident(packs=resident.packs, lanes_c=resident.lanes_c, tiles=resident.tiles,
-                           blocks=resident.blocks)
+                           blocks=resident.blocks, vector=resident.vector)
 
 
 class CudaKernels:

@@ -134,43 +134,44 @@ _WARP = 32
 @dataclass(frozen=True)
 class Resident:
     """The single-pass geometry of one pass of the CUDA kernels
-    (``csrc/acnorm/resident.cu``): warps that each hold one tile of x, ``packs``
-    16-byte packs per lane, across the launch's grid barriers."""
+    (``csrc/acnorm/resident.cu``): warps that each hold one tile of x,
+    ``packs`` packs per lane, across the launch's grid barriers."""
 
     packs: int  # per lane
     lanes_c: int  # lanes across channels: 1 when planar
     tiles: int  # per channel group (a channel when planar): partial results per channel
     blocks: int  # the grid
+    vector: bool  # 16-byte packs; else one element per pack
 
 
 def resident_geometry(geo: Geometry, element_size: int, packs_options: Sequence[int], warps_per_block: int,
-                      capacity: Callable[[int], int]) -> Resident | None:
+                      capacity: Callable[[int, bool], int]) -> Resident | None:
     """The single pass for ``geo``: the fewest packs per lane (so the most warps
-    load at once) whose grid the GPU holds, ``capacity(packs)`` blocks; None
-    when no variant fits, or when the input is not in whole 16-byte packs
-    (then the multi-pass kernels run it).
+    load at once) whose grid the GPU holds, ``capacity(packs, vector)``
+    blocks; None when no variant fits (then the multi-pass kernels run it).
+    Packs are 16 bytes (``vector``) when the input is in whole 16-byte packs,
+    else one element each.
 
     A planar tile is a run of one channel's packs (``_WARP * packs`` of them);
     an interleaved one is ``_WARP // lanes_c * packs`` rows of ``lanes_c`` packs
     of channels. The grid also gives every channel a warp for its row of S,
     while the GPU holds the blocks."""
     width = 16 // element_size
+    vector = (geo.s if geo.planar else geo.c) % width == 0
+    if not vector:
+        width = 1
     if geo.planar:
-        if geo.s % width:
-            return None
         lanes_c, items, groups = 1, geo.n * (geo.s // width), geo.c
     else:
-        if geo.c % width:
-            return None
         lanes_c = min(_WARP, _next_pow2(geo.c // width))
         items, groups = geo.rows * lanes_c, _cdiv(geo.c, lanes_c * width)
     for packs in sorted(packs_options):
         tiles = _cdiv(items, _WARP * packs)
         needed = _cdiv(groups * tiles, warps_per_block)
-        held = capacity(packs)
+        held = capacity(packs, vector)
         if needed <= held:
             blocks = max(needed, min(_cdiv(geo.c, warps_per_block), held))
-            return Resident(packs=packs, lanes_c=lanes_c, tiles=tiles, blocks=blocks)
+            return Resident(packs=packs, lanes_c=lanes_c, tiles=tiles, blocks=blocks, vector=vector)
     return None
 
 

@@ -537,11 +537,10 @@ def cuda_module_facts(path: str | Path) -> list[dict]:
             dtype = "fp32" if params.startswith("f") else "bf16" if "bfloat16" in params else \
                 "fp16" if "half" in params else "-"
             if kernel.startswith("resident"):
-                # <T, planar, packs per lane>: always 16-byte packs; the variant is named by its packs per lane.
-                grad, pack = kernel == "resident_backward", 4 if dtype == "fp32" else 8
-                lane_packs = re.search(r"Li(\d+)E?$", params)
-                kernel += ("_planar" if "Lb1" in params else "_interleaved") + \
-                    (f"_x{lane_packs.group(1)}" if lane_packs else "")
+                # <T, planar, packs per lane, elements per pack>, named by its layout and packs per lane.
+                lane_packs, width = (re.findall(r"Li(\d+)E", params) + ["0", "0"])[:2]
+                grad, pack = kernel == "resident_backward", int(width)
+                kernel += f"_{'planar' if 'Lb1' in params else 'interleaved'}_x{lane_packs}"
             else:
                 found = re.search(r"Li(\d+)E?$", params)
                 grad, pack = "Lb1" in params, int(found.group(1)) if found else 0

@@ -169,10 +169,10 @@ void target_grad(int device, std::uintptr_t stream, std::uintptr_t aux, std::uin
         "target gradient launch");
 }
 
-int capacity(int dtype, bool planar, int packs, bool backward, int device) {
+int capacity(int dtype, bool planar, int packs, bool vector, bool backward, int device) {
   DeviceGuard guard(device);
   int blocks = 0;
-  check(acnorm::resident_capacity(dtype_of(dtype), planar, packs, backward, device, &blocks),
+  check(acnorm::resident_capacity(dtype_of(dtype), planar, packs, vector, backward, device, &blocks),
         "single-pass capacity query");
   return blocks;
 }
@@ -201,10 +201,11 @@ PYBIND11_MODULE(_cuda, m) {
 
   py::class_<acnorm::Resident>(m, "Resident", py::module_local(),
                                "The single-pass geometry of a pass (packs = 0: the multi-pass kernels).")
-      .def(py::init([](int packs, int lanes_c, int64_t tiles, int64_t blocks) {
-             return acnorm::Resident{packs, lanes_c, tiles, blocks};
+      .def(py::init([](int packs, int lanes_c, int64_t tiles, int64_t blocks, bool vector) {
+             return acnorm::Resident{packs, lanes_c, tiles, blocks, vector};
            }),
-           py::kw_only(), py::arg("packs"), py::arg("lanes_c"), py::arg("tiles"), py::arg("blocks"));
+           py::kw_only(), py::arg("packs"), py::arg("lanes_c"), py::arg("tiles"), py::arg("blocks"),
+           py::arg("vector"));
 
   py::class_<acnorm::StepPlan>(m, "StepPlan", py::module_local(),
                                "One layer's step for one input signature (see acnorm_fused.backends.plan).")
@@ -247,7 +248,8 @@ PYBIND11_MODULE(_cuda, m) {
         "A plan's backward: the single-pass kernel, or gradient sums, finalise, (I + S)^T and dx.");
   m.def("resident_capacity", &capacity,
         "Blocks of a single-pass kernel variant the GPU holds at once (occupancy x multiprocessors).",
-        py::arg("dtype"), py::arg("planar"), py::arg("packs"), py::arg("backward"), py::arg("device"));
+        py::arg("dtype"), py::arg("planar"), py::arg("packs"), py::arg("vector"), py::arg("backward"),
+        py::arg("device"));
   m.def("finalise_backward", &finalise_backward, "dW, dB and the input-gradient coefficients, per channel.",
         py::arg("device"), py::arg("stream"), py::arg("partials"), py::arg("num_splits"), py::arg("global_sums"),
         py::arg("invstd"), py::arg("aux"), py::arg("grad_affine"), py::arg("coef"), py::arg("channels"),

@@ -93,7 +93,8 @@ cudaError_t launch_target_grad(const float* aux, const float* grad_affine, float
 // The single-pass geometry of a step's forward or backward (see
 // acnorm_fused/backends/geometry.py, which computes it): warps that each hold
 // one tile of x (and dy) in registers across grid barriers, `packs` 16-byte
-// packs per lane, so that x is read from memory once. A planar tile is a run
+// packs per lane (or, for inputs not in whole packs, one element per pack),
+// so that x is read from memory once. A planar tile is a run
 // of one channel's packs (lanes_c = 1); an interleaved tile is `rows` rows of
 // lanes_c packs of channels. packs == 0: the multi-pass kernels instead.
 struct Resident {
@@ -101,6 +102,7 @@ struct Resident {
   int lanes_c;     // lanes across channels: 1 (planar), else a power of two up to 32
   int64_t tiles;   // tiles per channel group (a channel, when planar): partial results per channel
   int64_t blocks;  // the grid: every tile's warp, and at least one warp per channel while the GPU holds them
+  bool vector;     // 16-byte packs (aligned tensors only), else one element per pack
 };
 
 // The packs per lane the single-pass kernels are compiled for, and their warps per block.
@@ -124,7 +126,8 @@ struct StepPlan {
   // Backward scratch: gradient partials, dW and dB, dx coefficients, target gradients.
   int64_t bwd_partials, bwd_grad_affine, bwd_coef, bwd_grad_target;
   // The single-pass geometry of each pass; a pass whose packs are 0, or whose
-  // tensors are not 16-byte aligned, runs the multi-pass kernels.
+  // vector packs meet tensors that are not 16-byte aligned, runs the
+  // multi-pass kernels.
   Resident fwd_resident, bwd_resident;
 };
 
@@ -151,7 +154,8 @@ cudaError_t launch_resident_backward(const StepPlan& plan, const void* x, const 
 // How many blocks of a single-pass kernel GPU `device` holds at once (the
 // occupancy of the compiled variant times the multiprocessors) into *blocks;
 // the host emulator holds emulator::kResidentBlocks.
-cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool backward, int device, int* blocks);
+cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool vector, bool backward, int device,
+                              int* blocks);
 
 }  // namespace acnorm
 

@@ -187,9 +187,8 @@ __device__ __forceinline__ int64_t grid_warp() {
 }
 __device__ __forceinline__ int64_t grid_warps() { return static_cast<int64_t>(gridDim.x) * kTeamsPerBlock; }
 
-template <typename T, bool PLANAR, int PACKS>
+template <typename T, bool PLANAR, int PACKS, int W>
 __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardArgs a) {
-  constexpr int W = pack_width<T>();
   using Lanes = Team<PLANAR, W, PACKS>;
   constexpr int kSlots = Lanes::kSlots;
   const Lanes team(a.n, a.c, a.s, a.tiles, a.lanes_c);
@@ -294,12 +293,12 @@ __global__ void __launch_bounds__(kThreads, 1) resident_forward_kernel(ForwardAr
   team.template store<false>(static_cast<T*>(a.out), held, held, k, a.activation, a.slope);
 }
 
-// Two blocks per multiprocessor for the planar 8-pack variant: it fits 128
+// Two blocks per multiprocessor for the planar 8-pack vector variants: they fit 128
 // registers without spilling on sm_90, and the deep stages of a 3D U-Net
 // (e.g. (2, 256, 16^3) fp32, 256 blocks) need twice an H100's 132.
-template <typename T, bool PLANAR, int PACKS>
-__global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) resident_backward_kernel(BackwardArgs a) {
-  constexpr int W = pack_width<T>();
+template <typename T, bool PLANAR, int PACKS, int W>
+__global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 && W > 1 ? 2 : 1)
+resident_backward_kernel(BackwardArgs a) {
   using Lanes = Team<PLANAR, W, PACKS>;
   constexpr int kSlots = Lanes::kSlots;
   const Lanes team(a.n, a.c, a.s, a.tiles, a.lanes_c);
@@ -384,32 +383,38 @@ __global__ void __launch_bounds__(kThreads, PLANAR && PACKS == 8 ? 2 : 1) reside
   }
 }
 
-// A compiled variant of the kernels: element type, layout, packs per lane.
-template <typename T, bool PLANAR, int PACKS>
+// A compiled variant of the kernels: element type, layout, packs per lane
+// and elements per pack (16 bytes' worth, or 1 for inputs not in whole packs).
+template <typename T, bool PLANAR, int PACKS, int W>
 struct Variant {
   using type = T;
   static constexpr bool planar = PLANAR;
   static constexpr int packs = PACKS;
+  static constexpr int width = W;
 };
 
-template <typename T, bool PLANAR, typename F>
+template <typename T, bool PLANAR, int W, typename F>
 cudaError_t dispatch_packs(int packs, F& f) {
-  if (packs == kResidentPacks[0]) return f(Variant<T, PLANAR, kResidentPacks[0]>{});
-  if (packs == kResidentPacks[1]) return f(Variant<T, PLANAR, kResidentPacks[1]>{});
+  if (packs == kResidentPacks[0]) return f(Variant<T, PLANAR, kResidentPacks[0], W>{});
+  if (packs == kResidentPacks[1]) return f(Variant<T, PLANAR, kResidentPacks[1], W>{});
   return cudaErrorInvalidValue;
 }
 
-// Calls f with the Variant that (dtype, planar, packs) names.
+// Calls f with the Variant that (dtype, planar, packs, vector) names.
 template <typename F>
-cudaError_t dispatch_variant(DType dtype, bool planar, int packs, F&& f) {
+cudaError_t dispatch_variant(DType dtype, bool planar, int packs, bool vector, F&& f) {
   return dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    return planar ? dispatch_packs<T, true>(packs, f) : dispatch_packs<T, false>(packs, f);
+    constexpr int kVector = pack_width<T>();
+    if (planar)
+      return vector ? dispatch_packs<T, true, kVector>(packs, f) : dispatch_packs<T, true, 1>(packs, f);
+    return vector ? dispatch_packs<T, false, kVector>(packs, f) : dispatch_packs<T, false, 1>(packs, f);
   });
 }
 
 // Whether a plan's Resident geometry covers its input exactly as the kernels
-// walk it: whole packs, every pack in one tile, every tile in the grid.
+// walk it, `width` elements per pack: whole packs, every pack in one tile,
+// every tile in the grid.
 bool covers(const Geometry& geo, const Resident& r, int width) {
   if (r.tiles < 1 || r.blocks < 1 || r.blocks * kTeamsPerBlock > 0x7fffffff) return false;
   if (geo.n * geo.c * geo.s > 0x7fffffff) return false;  // the Team's 32-bit indices
@@ -436,15 +441,15 @@ cudaError_t launch_resident_forward(const StepPlan& plan, const void* x, void* o
                                     cudaStream_t stream) {
   const Geometry& geo = plan.geo;
   const Resident& r = plan.fwd_resident;
-  return dispatch_variant(plan.dtype, geo.planar, r.packs, [&](auto variant) {
+  return dispatch_variant(plan.dtype, geo.planar, r.packs, r.vector, [&](auto variant) {
     using V = decltype(variant);
-    if (!covers(geo, r, pack_width<typename V::type>())) return cudaErrorInvalidConfiguration;
+    if (!covers(geo, r, V::width)) return cudaErrorInvalidConfiguration;
     ForwardArgs args{x, out, scratch + plan.fwd_partials, scratch + plan.fwd_weight, scratch + plan.fwd_mean,
                      scratch + plan.fwd_invstd, scratch + plan.fwd_aux, Affines{gamma_s, beta_s, gamma_t, beta_t},
                      running_mean, running_var, status, geo.n, geo.c, geo.s, r.tiles, r.lanes_c,
                      plan.activation, plan.slope, plan.count, plan.momentum, plan.eps, plan.temperature,
                      plan.batch_stats, plan.update_running};
-    return launch_cooperative(resident_forward_kernel<typename V::type, V::planar, V::packs>,
+    return launch_cooperative(resident_forward_kernel<typename V::type, V::planar, V::packs, V::width>,
                               static_cast<unsigned>(r.blocks), kThreads, stream, args);
   });
 }
@@ -453,20 +458,21 @@ cudaError_t launch_resident_backward(const StepPlan& plan, const void* x, const 
                                      const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream) {
   const Geometry& geo = plan.geo;
   const Resident& r = plan.bwd_resident;
-  return dispatch_variant(plan.dtype, geo.planar, r.packs, [&](auto variant) {
+  return dispatch_variant(plan.dtype, geo.planar, r.packs, r.vector, [&](auto variant) {
     using V = decltype(variant);
-    if (!covers(geo, r, pack_width<typename V::type>())) return cudaErrorInvalidConfiguration;
+    if (!covers(geo, r, V::width)) return cudaErrorInvalidConfiguration;
     BackwardArgs args{x, dy, dx, bwd_scratch + plan.bwd_partials, fwd_scratch + plan.fwd_aux,
                       fwd_scratch + plan.fwd_invstd, bwd_scratch + plan.bwd_grad_affine,
                       bwd_scratch + plan.bwd_grad_target, geo.n, geo.c, geo.s, r.tiles, r.lanes_c,
                       plan.activation, plan.slope, plan.count, plan.temperature, plan.batch_stats};
-    return launch_cooperative(resident_backward_kernel<typename V::type, V::planar, V::packs>,
+    return launch_cooperative(resident_backward_kernel<typename V::type, V::planar, V::packs, V::width>,
                               static_cast<unsigned>(r.blocks), kThreads, stream, args);
   });
 }
 
-cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool backward, int device, int* blocks) {
-  return dispatch_variant(dtype, planar, packs, [&](auto variant) {
+cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool vector, bool backward, int device,
+                              int* blocks) {
+  return dispatch_variant(dtype, planar, packs, vector, [&](auto variant) {
     using V = decltype(variant);
 #ifdef ACNORM_EMULATE
     (void)backward;
@@ -477,9 +483,11 @@ cudaError_t resident_capacity(DType dtype, bool planar, int packs, bool backward
     int per_multiprocessor = 0, multiprocessors = 0;
     cudaError_t err = backward
         ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &per_multiprocessor, resident_backward_kernel<typename V::type, V::planar, V::packs>, kThreads, 0)
+              &per_multiprocessor, resident_backward_kernel<typename V::type, V::planar, V::packs, V::width>,
+              kThreads, 0)
         : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &per_multiprocessor, resident_forward_kernel<typename V::type, V::planar, V::packs>, kThreads, 0);
+              &per_multiprocessor, resident_forward_kernel<typename V::type, V::planar, V::packs, V::width>,
+              kThreads, 0);
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
     *blocks = per_multiprocessor * multiprocessors;
     return err;

@@ -1,6 +1,6 @@
 // A layer's whole forward or backward for one input signature, from its
 // StepPlan: the single-pass kernel when the plan has a Resident geometry for
-// the pass and the tensors allow 16-byte packs, else the passes of the
+// the pass (and, for 16-byte packs, aligned tensors), else the passes of the
 // multi-pass algorithm back to back; either way the Python side makes one
 // call per pass.
 
@@ -12,7 +12,8 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
                                 const float* gamma_s, const float* beta_s, const float* gamma_t,
                                 const float* beta_t, float* running_mean, float* running_var, int* status,
                                 cudaStream_t stream) {
-  if (plan.fwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(out)) {
+  const Resident& fwd = plan.fwd_resident;
+  if (fwd.packs > 0 && (!fwd.vector || (is_aligned16(x) && is_aligned16(out)))) {
     const cudaError_t err = launch_resident_forward(plan, x, out, scratch, gamma_s, beta_s, gamma_t, beta_t,
                                                     running_mean, running_var, status, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) return err;
@@ -43,7 +44,8 @@ cudaError_t launch_step_forward(const StepPlan& plan, const void* x, void* out, 
 
 cudaError_t launch_step_backward(const StepPlan& plan, const void* x, const void* dy, void* dx,
                                  const float* fwd_scratch, float* bwd_scratch, cudaStream_t stream) {
-  if (plan.bwd_resident.packs > 0 && is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx)) {
+  const Resident& bwd = plan.bwd_resident;
+  if (bwd.packs > 0 && (!bwd.vector || (is_aligned16(x) && is_aligned16(dy) && is_aligned16(dx)))) {
     const cudaError_t err = launch_resident_backward(plan, x, dy, dx, fwd_scratch, bwd_scratch, stream);
     if (err != cudaErrorCooperativeLaunchTooLarge) return err;  // as in the forward
   }
