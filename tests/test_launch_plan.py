@@ -312,8 +312,8 @@ def test_step_plan_takes_keywords_only(emulated_cuda_module):
                   temperature=1.0, batch_stats=True, update_running=True, pilot_stride=4, fwd_partials=0,
                   fwd_mean=6, fwd_invstd=9, fwd_aux=12, fwd_weight=36, bwd_partials=18, bwd_grad_affine=6,
                   bwd_coef=12, bwd_grad_target=0,
-                  fwd_resident=emulated_cuda_module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1),
-                  bwd_resident=emulated_cuda_module.Resident(packs=2, lanes_c=1, tiles=1, blocks=1))
+                  fwd_resident=emulated_cuda_module.Resident(packs=0, lanes_c=1, tiles=1, blocks=1, vector=False),
+                  bwd_resident=emulated_cuda_module.Resident(packs=2, lanes_c=1, tiles=1, blocks=1, vector=True))
     emulated_cuda_module.StepPlan(**fields)
     with pytest.raises(TypeError):
         emulated_cuda_module.StepPlan(*fields.values())

@@ -127,6 +127,7 @@ class Geometry:
             return (self.n * self.c * _cdiv(self.s, self.block),)
         return (_cdiv(self.rows, self.block_r) * self.c_blocks,)
 
+
 # Lanes of a warp: a single-pass tile is held by one warp.
 _WARP = 32
 
