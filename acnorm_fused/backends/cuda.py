@@ -70,10 +70,8 @@ def single_pass(module, geo: Geometry, dtype: torch.dtype, index: int) -> tuple[
     """The single-pass geometry of a step's forward and backward on GPU
     ``index``, each None where the GPU cannot hold the layer: that pass runs
     the multi-pass kernels."""
-    element_size = torch.empty((), dtype=dtype).element_size()
-
     def one(backward: bool) -> Resident | None:
-        return resident_geometry(geo, element_size, module.RESIDENT_PACKS, module.RESIDENT_WARPS,
+        return resident_geometry(geo, dtype.itemsize, module.RESIDENT_PACKS, module.RESIDENT_WARPS,
                                  lambda packs, vector: resident_capacity(module, dtype, geo.planar, packs, vector,
                                                                          backward, index))
 

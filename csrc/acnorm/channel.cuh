@@ -1,7 +1,8 @@
 // Per-channel steps that the finalise, elementwise and single-pass kernels
 // share: a row of the correlation S with the effective affine it gives, a
 // column of (I + S)^T, the running statistics' move, the coefficients of dx,
-// and y or dx of one value.
+// a channel's constants from aux, one value's terms of the gradient sums, and
+// y or dx of one value.
 #pragma once
 
 #include "common.cuh"
@@ -116,6 +117,31 @@ __device__ __forceinline__ float2 dx_coefficients(float sum_dy, float sum_dy_xmu
 struct ChannelCoefficients {
   float scale, bias, hi, lo, p, q;
 };
+
+// Channel c's constants from the forward's aux rows, and (GRAD) dx's p and q
+// from coef (2, C); else p = q = 0.
+template <bool GRAD>
+__device__ __forceinline__ ChannelCoefficients coefficients(const float* aux, const float* coef, int64_t C,
+                                                            int64_t channel) {
+  ChannelCoefficients k;
+  k.scale = aux[kScale * C + channel];
+  k.bias = aux[kShiftB * C + channel];
+  k.hi = aux[kCentreHi * C + channel];
+  k.lo = aux[kCentreLo * C + channel];
+  k.p = GRAD ? coef[channel] : 0.f;
+  k.q = GRAD ? coef[C + channel] : 0.f;
+  return k;
+}
+
+// Adds one value to a channel's gradient sums: dy through the activation's
+// derivative (sum_dy), and that times x - mean (sum_dy_xmu).
+__device__ __forceinline__ void add_grad_sums(float x, float dy, const ChannelCoefficients& k, int act, float slope,
+                                              float& sum_dy, float& sum_dy_xmu) {
+  const float centred = (x - k.hi) - k.lo;
+  const float grad = activation_grad(dy, centred * k.scale + k.bias, act, slope);
+  sum_dy += grad;
+  sum_dy_xmu += grad * centred;
+}
 
 // y = act(pre), pre = ((x - hi) - lo) * scale + B; or (GRAD)
 // dx = scale * act'(pre) * dy + p * ((x - hi) - lo) + q.

@@ -15,19 +15,6 @@ constexpr int kPlanarPacksPerThread = 4;
 // Rows a thread of the interleaved kernel handles per block.
 constexpr int kInterleavedRowsPerThread = 4;
 
-template <bool GRAD>
-__device__ __forceinline__ ChannelCoefficients coefficients(const float* aux, const float* coef, int64_t C,
-                                                            int64_t channel) {
-  ChannelCoefficients k;
-  k.scale = aux[kScale * C + channel];
-  k.bias = aux[kShiftB * C + channel];
-  k.hi = aux[kCentreHi * C + channel];
-  k.lo = aux[kCentreLo * C + channel];
-  k.p = GRAD ? coef[channel] : 0.f;
-  k.q = GRAD ? coef[C + channel] : 0.f;
-  return k;
-}
-
 // One block per tile of `tile` positions (at most kPlanarPacksPerThread packs
 // per thread) of one (n, c) row; grid rows * tiles_per_row.
 template <typename T, bool GRAD, int WIDTH>

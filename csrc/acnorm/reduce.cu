@@ -9,7 +9,7 @@
 // and a small spread (CT intensities) a running mean of raw x would round at
 // the scale of the mean, while x - K is exact and small.
 
-#include "common.cuh"
+#include "channel.cuh"
 
 namespace acnorm {
 namespace {
@@ -21,21 +21,18 @@ constexpr int kMinBlocks = 2;
 // The per-channel values a pass reads: the centring pilot K for the
 // statistics; scale, B and the centre for the gradient sums.
 struct ChannelConstants {
-  float pilot = 0.f, scale = 0.f, bias = 0.f, hi = 0.f, lo = 0.f;
+  float pilot = 0.f;
+  ChannelCoefficients grad{};
 };
 
 template <typename T, bool GRAD>
 __device__ __forceinline__ ChannelConstants channel_constants(const T* x, const float* aux, int64_t C,
                                                               int64_t channel, int64_t pilot_offset) {
   ChannelConstants k;
-  if (GRAD) {
-    k.scale = aux[kScale * C + channel];
-    k.bias = aux[kShiftB * C + channel];
-    k.hi = aux[kCentreHi * C + channel];
-    k.lo = aux[kCentreLo * C + channel];
-  } else {
+  if (GRAD)
+    k.grad = coefficients<false>(aux, nullptr, C, channel);
+  else
     k.pilot = read_value(x + pilot_offset);
-  }
   return k;
 }
 
@@ -45,12 +42,7 @@ __device__ __forceinline__ void add_grad(const float (&v)[WIDTH], const float (&
                                          const ChannelConstants& k, int act, float slope,
                                          float& sum_dy, float& sum_dy_xmu) {
 #pragma unroll
-  for (int i = 0; i < WIDTH; ++i) {
-    const float centred = (v[i] - k.hi) - k.lo;
-    const float dy = activation_grad(g[i], centred * k.scale + k.bias, act, slope);
-    sum_dy += dy;
-    sum_dy_xmu += dy * centred;
-  }
+  for (int i = 0; i < WIDTH; ++i) add_grad_sums(v[i], g[i], k.grad, act, slope, sum_dy, sum_dy_xmu);
 }
 
 // Block-wide reductions; the result is valid in thread 0.
@@ -170,12 +162,7 @@ reduce_interleaved_kernel(const T* __restrict__ x, const T* __restrict__ dy, flo
         float g[WIDTH];
         load_pack<T, WIDTH>(dy + r * C + c0, g);
 #pragma unroll
-        for (int i = 0; i < WIDTH; ++i) {
-          const float centred = (v[i] - k[i].hi) - k[i].lo;
-          const float grad = activation_grad(g[i], centred * k[i].scale + k[i].bias, act, slope);
-          acc_a[i] += grad;
-          acc_b[i] += grad * centred;
-        }
+        for (int i = 0; i < WIDTH; ++i) add_grad_sums(v[i], g[i], k[i].grad, act, slope, acc_a[i], acc_b[i]);
       } else {
         // Welford per channel; the count, hence its reciprocal, is shared by the pack.
         count += 1.f;

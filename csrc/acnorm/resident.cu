@@ -313,24 +313,16 @@ resident_backward_kernel(BackwardArgs a) {
   for (int j = 0; j < kSlots; ++j) {
     k[j] = ChannelCoefficients{0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     sum_dy[j] = sum_dy_xmu[j] = 0.f;
-    if (!team.active) continue;
-    const int64_t ch = team.channel(j);
-    k[j].scale = a.aux[kScale * C + ch];
-    k[j].bias = a.aux[kShiftB * C + ch];
-    k[j].hi = a.aux[kCentreHi * C + ch];
-    k[j].lo = a.aux[kCentreLo * C + ch];
+    if (team.active) k[j] = coefficients<false>(a.aux, nullptr, C, team.channel(j));
   }
 #pragma unroll
   for (int p = 0; p < PACKS; ++p)
     if (p < team.valid) {
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        const ChannelCoefficients& c = k[Lanes::slot(i)];
-        const float centred = (to_float(held_x[p].v[i]) - c.hi) - c.lo;
-        const float g = activation_grad(to_float(held_dy[p].v[i]), centred * c.scale + c.bias, a.activation,
-                                        a.slope);
-        sum_dy[Lanes::slot(i)] += g;
-        sum_dy_xmu[Lanes::slot(i)] += g * centred;
+        const int j = Lanes::slot(i);
+        add_grad_sums(to_float(held_x[p].v[i]), to_float(held_dy[p].v[i]), k[j], a.activation, a.slope, sum_dy[j],
+                      sum_dy_xmu[j]);
       }
     }
   const int64_t plane = C * a.tiles;
