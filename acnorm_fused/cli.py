@@ -13,7 +13,6 @@ import torch
 
 from . import __version__
 from .backends import available_backends, cuda_extension, cuda_extension_status, resolve_backend
-from .backends.cuda import capacity_summary
 from .bench import commands
 from .correlation import compiled_windows_status
 
@@ -37,6 +36,8 @@ def cmd_info(_args: argparse.Namespace) -> int:
     print(f"numpy        {_module_version('numpy')}")
     print(f"backends     {', '.join(available_backends())}")
     if cuda:
+        from .backends.cuda import capacity_summary
+
         module = cuda_extension()
         for index in range(torch.cuda.device_count()):
             print(f"device       cuda:{index} {torch.cuda.get_device_name(index)}")
